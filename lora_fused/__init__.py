@@ -1,0 +1,28 @@
+"""lora_fused: fused LoRA layers for PyTorch.
+
+Layers of the package: ``lora_fused.kernels`` (reference, Triton; CUDA in ``csrc/``) → ``lora_fused.ops``
+(``torch.library`` custom ops, namespace ``lora_fused::``) → ``lora_fused.modules`` and the model-level APIs.
+"""
+
+from ._version import __version__
+from ._cuda_ext import CUDA_EXT_AVAILABLE
+from ._errors import BackendUnavailableError, LoRADtypeError, LoRAShapeError
+from .backends import available_backends, get_backend, set_backend, use_backend
+from . import ops
+from .modules import LoRABase, LoRALinear, LoRAQKV
+
+__all__ = [
+    "__version__",
+    "CUDA_EXT_AVAILABLE",
+    "BackendUnavailableError",
+    "LoRADtypeError",
+    "LoRAShapeError",
+    "available_backends",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+    "ops",
+    "LoRABase",
+    "LoRALinear",
+    "LoRAQKV",
+]

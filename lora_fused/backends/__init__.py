@@ -1,0 +1,133 @@
+"""Backend registry and selection: dispatch by declared capability, in the order cuda → triton → torch.
+
+A backend is an object with:
+
+* ``name``;
+* ``unavailable_reason() -> str | None``: why it cannot run in this process at all (None: it can);
+* ``reject_reason(x, weight, lora_A, lora_B) -> str | None``: why it cannot run on these tensors
+  (device, dtype, shape limits);
+* ``forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices) -> (y, h)``;
+* ``backward(grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, lora_slices, needs)
+  -> (dx, dW, db, dA, dB)`` with ``None`` where ``needs`` is False;
+* ``auto_device_types``: device types on which ``"auto"`` may pick it (None: any). The Triton backend runs
+  CPU tensors under ``TRITON_INTERPRET=1`` when named, but ``"auto"`` picks it on CUDA only.
+
+Tensors are 2-D (``x`` is (M, K)); ``seed`` is an int64 tensor of one element on ``x``'s device, or None
+when ``dropout_p == 0``. ``lora_slices`` is described in :mod:`lora_fused.kernels.reference.lora_linear`.
+
+Selection: ``use_backend`` (context-local, thread-safe) overrides ``set_backend`` (process default), which
+overrides the ``LORA_FUSED_BACKEND`` environment variable; all default to ``"auto"``. ``"auto"`` takes the
+first backend of ``cuda, triton, torch`` that accepts the tensors. A backend named explicitly that cannot run
+raises :class:`~lora_fused._errors.BackendUnavailableError` (a ``RuntimeError``) saying why: never a silent
+fallback. The choice is a pure function of the requested name and the tensors, so the backward pass runs on
+the backend the forward pass used (the requested name travels with the op).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import os
+from typing import Iterator, List, Optional
+
+import torch
+
+from .._errors import BackendUnavailableError
+
+BACKEND_ORDER = ("cuda", "triton", "torch")
+_CHOICES = ("auto",) + BACKEND_ORDER
+_MODULES = {name: f"{__name__}.{name}_backend" for name in BACKEND_ORDER}
+
+_process_default: Optional[str] = None
+_context_choice: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("lora_fused_backend", default=None)
+
+
+@functools.lru_cache(maxsize=None)
+def get_backend_impl(name: str):
+    """The backend object registered under ``name`` (imported on first use)."""
+    if name not in BACKEND_ORDER:
+        raise ValueError(f"unknown lora_fused backend {name!r}; choose one of {', '.join(_CHOICES)}")
+    return importlib.import_module(_MODULES[name]).BACKEND
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason(name: str) -> Optional[str]:
+    """Why backend ``name`` cannot run in this process (None when it can)."""
+    return get_backend_impl(name).unavailable_reason()
+
+
+def available_backends() -> List[str]:
+    """Names of the backends usable in this process, in dispatch order (``"torch"`` is always there)."""
+    return [name for name in BACKEND_ORDER if unavailable_reason(name) is None]
+
+
+def _check_choice(name: str) -> str:
+    if not isinstance(name, str) or name not in _CHOICES:
+        raise ValueError(f"unknown lora_fused backend {name!r}; choose one of {', '.join(_CHOICES)}")
+    if name != "auto":
+        reason = unavailable_reason(name)
+        if reason is not None:
+            raise BackendUnavailableError(f"lora_fused backend {name!r} is not available: {reason}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
+
+    Raises ``RuntimeError`` (saying why) when a named backend is not available here.
+    """
+    global _process_default
+    _process_default = _check_choice(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Context manager choosing the backend for the calls made inside it (context-local, thread-safe)."""
+    token = _context_choice.set(_check_choice(name))
+    try:
+        yield name
+    finally:
+        _context_choice.reset(token)
+
+
+def get_backend() -> str:
+    """The backend name requested for the current context (``"auto"`` unless set)."""
+    name = _context_choice.get()
+    if name is not None:
+        return name
+    if _process_default is not None:
+        return _process_default
+    return _check_choice(os.environ.get("LORA_FUSED_BACKEND", "auto").strip().lower() or "auto")
+
+
+@torch.compiler.assume_constant_result
+def requested_backend() -> str:
+    """``get_backend()`` as a compile-time constant (``torch.compile`` bakes the choice into the graph)."""
+    return get_backend()
+
+
+def select_backend(requested: str, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor):
+    """The backend that runs these tensors for the ``requested`` name; raises when a named one cannot."""
+    if requested == "auto":
+        for name in BACKEND_ORDER:
+            if unavailable_reason(name) is None:
+                impl = get_backend_impl(name)
+                devices = getattr(impl, "auto_device_types", None)
+                if devices is not None and x.device.type not in devices:
+                    continue
+                if impl.reject_reason(x, weight, lora_A, lora_B) is None:
+                    return impl
+        raise BackendUnavailableError(f"no lora_fused backend accepts {x.dtype} tensors on {x.device}")
+    _check_choice(requested)
+    impl = get_backend_impl(requested)
+    reason = impl.reject_reason(x, weight, lora_A, lora_B)
+    if reason is not None:
+        raise BackendUnavailableError(f"lora_fused backend {requested!r} cannot run these tensors: {reason}")
+    return impl
+
+
+def describe_backends() -> List[tuple]:
+    """``(name, available, reason)`` for every backend, for ``python -m lora_fused.info``."""
+    return [(name, unavailable_reason(name) is None, unavailable_reason(name) or "available") for name in BACKEND_ORDER]

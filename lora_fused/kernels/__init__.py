@@ -1,0 +1,1 @@
+"""Raw kernels: the pure-PyTorch reference (``reference``), Triton (``triton``) and, in ``csrc/``, CUDA."""

@@ -1,0 +1,95 @@
+"""Build script. ``pip install -e .`` works without nvcc or a GPU; the CUDA extension is optional.
+
+Environment flags:
+  LORA_FUSED_SKIP_CUDA=1     never build the CUDA extension.
+  LORA_FUSED_FORCE_CUDA=1    build it even where nvcc/GPU detection says no, and fail loudly if it fails.
+  LORA_FUSED_CUDA_ARCHS      ';'-separated archs, default "80;90a" (e.g. "90a" for H100/H200 only).
+  MAX_JOBS                   parallel ninja jobs.
+
+The extension needs torch importable at build time (a CUDA build of torch, and nvcc):
+``LORA_FUSED_FORCE_CUDA=1 pip install --no-build-isolation -e .``. Without it the package installs pure Python
+(torch and Triton backends) and ``python -m lora_fused.info`` says why the CUDA backend is absent.
+"""
+
+import glob
+import os
+import shutil
+import sys
+import warnings
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SKIP_CUDA = os.environ.get("LORA_FUSED_SKIP_CUDA", "0") == "1"
+FORCE_CUDA = os.environ.get("LORA_FUSED_FORCE_CUDA", "0") == "1"
+CUDA_ARCHS = os.environ.get("LORA_FUSED_CUDA_ARCHS", "80;90a")
+
+
+def _version():
+    scope = {}
+    with open(os.path.join(HERE, "lora_fused", "_version.py")) as f:
+        exec(f.read(), scope)
+    return scope["__version__"]
+
+
+def _gencode_flags(archs):
+    flags = []
+    for arch in [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]:
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    return flags
+
+
+def cuda_extension():
+    """``(ext_modules, cmdclass)`` for the CUDA extension, or empty when it is skipped or cannot build."""
+    if SKIP_CUDA:
+        return [], {}
+    if not FORCE_CUDA and shutil.which("nvcc") is None:
+        return [], {}
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    if not sources:
+        if FORCE_CUDA:
+            raise RuntimeError("LORA_FUSED_FORCE_CUDA=1 but csrc/ has no sources")
+        return [], {}
+    try:
+        from csrc_build import make_extension  # noqa: E402  (kept beside setup.py)
+
+        return make_extension(sources, _gencode_flags(CUDA_ARCHS), CUDA_ARCHS)
+    except Exception as exc:  # noqa: BLE001
+        if FORCE_CUDA:
+            raise
+        warnings.warn(f"lora_fused: skipping the optional CUDA extension ({type(exc).__name__}: {exc})")
+        return [], {}
+
+
+sys.path.insert(0, HERE)
+ext_modules, cmdclass = cuda_extension()
+
+setup(
+    name="lora_fused",
+    version=_version(),
+    description="Fused LoRA kernels and drop-in LoRA layers for PyTorch",
+    long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["lora_fused", "lora_fused.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.5", "safetensors>=0.4"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "peft": ["peft>=0.10"],
+        "test": [
+            "pytest>=7",
+            "pytest-benchmark>=4",
+            "hypothesis>=6",
+            "peft>=0.10",
+            "transformers>=4.40",
+            "timm>=1.0",
+            "triton>=3.0",
+        ],
+        "bench": ["matplotlib>=3.5", "tqdm>=4", "peft>=0.10", "pytest-benchmark>=4", "triton>=3.0"],
+        "build": ["pybind11>=2.10", "ninja>=1.10"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)

@@ -1,0 +1,63 @@
+"""Shared test helpers: the per-dtype tolerance table and a float64 reference built from an explicit mask."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# One table of tolerances for comparing a backend's output/gradients with the float64 reference.
+# (atol, rtol), applied by ``assert_close_dtype``; gradients accumulate over M so they get the "grad" row.
+TOLERANCES = {
+    torch.float64: {"out": (1e-10, 1e-10), "grad": (1e-9, 1e-9)},
+    torch.float32: {"out": (2e-4, 2e-4), "grad": (1e-3, 1e-3)},
+    torch.float16: {"out": (2e-2, 2e-2), "grad": (5e-2, 3e-2)},
+    torch.bfloat16: {"out": (1e-1, 5e-2), "grad": (2e-1, 8e-2)},
+}
+
+
+def assert_close_dtype(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, kind: str = "out", msg: str = ""):
+    """Compare ``actual`` (any dtype) to a float64 ``expected`` with the table's tolerance for ``dtype``.
+
+    Tolerances scale with the magnitude of ``expected`` (``atol * max(1, |expected|_max)``) so large
+    reductions are judged relative to their size."""
+    atol, rtol = TOLERANCES[dtype][kind]
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol, msg=msg or None)
+
+
+def naive_lora(x, weight, bias, lora_A, lora_B, scaling, keep=None, p=0.0, lora_slices=None):
+    """Plain autograd-friendly math: ``y = x Wᵀ + b + s·((keep∘x/(1-p)) Aᵀ) Bᵀ`` per target slice.
+
+    ``keep`` is an explicit ``x``-shaped bool mask (None: no dropout). ``lora_slices`` as in the op
+    (default: one target over all outputs)."""
+    n_out = weight.shape[0]
+    lora_slices = list(lora_slices) if lora_slices is not None else [0, n_out]
+    xd = x if keep is None else x * keep.to(x.dtype) / (1.0 - p)
+    y = x @ weight.t()
+    if bias is not None:
+        y = y + bias
+    r = lora_B.shape[1]
+    parts, b_off = [], 0
+    cols = torch.zeros(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
+    for t in range(len(lora_slices) // 2):
+        off, n = lora_slices[2 * t], lora_slices[2 * t + 1]
+        upd = scaling * (xd @ lora_A[t * r:(t + 1) * r].t()) @ lora_B[b_off:b_off + n].t()
+        pad = torch.nn.functional.pad(upd, (off, n_out - off - n))
+        parts.append(pad)
+        b_off += n
+    return y + sum(parts) if parts else y + cols
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """Every test starts and ends with the default backend choice."""
+    import lora_fused.backends as backends
+
+    saved = backends._process_default
+    yield
+    backends._process_default = saved
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
