@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 
+# Triton kernels run on CPU tensors through the interpreter when no GPU is present. The flag must be set
+# before triton is first imported, so it is set here, before anything else.
+if os.environ.get("CUDA_VISIBLE_DEVICES", None) != "" and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 
