@@ -28,7 +28,7 @@ def assert_close_dtype(actual: torch.Tensor, expected: torch.Tensor, dtype: torc
     Tolerances scale with the magnitude of ``expected`` (``atol * max(1, |expected|_max)``) so large
     reductions are judged relative to their size."""
     atol, rtol = TOLERANCES[dtype][kind]
-    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    scale = max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol, msg=msg or None)
 
 
@@ -66,3 +66,22 @@ def _restore_backend():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+
+
+def saved_tensor_bytes(fn, exclude=()):
+    """Bytes autograd saves for backward while ``fn()`` runs: unique storages seen by
+    ``saved_tensors_hooks``, excluding the storages of ``exclude`` (parameters) and one-element tensors
+    (seeds, scalars)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude if t is not None}
+    seen = {}
+
+    def pack(t):
+        if t.numel() > 1:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in skip:
+                seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out

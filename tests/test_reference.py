@@ -1,0 +1,151 @@
+"""The torch backend (the reference) against the float64 naive math, gradcheck, dtypes and shapes."""
+
+import pytest
+import torch
+
+import lora_fused
+from lora_fused import LoRALinear
+from lora_fused.kernels.reference import dropout_keep_mask
+from lora_fused.ops.lora_linear import _lora_linear_op
+
+from conftest import assert_close_dtype, naive_lora
+
+
+def _params(K, N, r, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(N, K, generator=g, dtype=torch.float64) / K**0.5
+    b = torch.randn(N, generator=g, dtype=torch.float64) if bias else None
+    A = torch.randn(r, K, generator=g, dtype=torch.float64) / K**0.5
+    B = torch.randn(N, r, generator=g, dtype=torch.float64)
+    return [t.to(dtype) if t is not None else None for t in (W, b, A, B)]
+
+
+def _run_module(x, W, b, A, B, scaling, p, train=True):
+    m = LoRALinear(W.shape[1], W.shape[0], bias=b is not None, r=A.shape[0], lora_alpha=scaling * A.shape[0],
+                   lora_dropout=p, dtype=W.dtype)
+    with torch.no_grad():
+        m.weight.copy_(W), m.lora_A.copy_(A), m.lora_B.copy_(B)
+        if b is not None:
+            m.bias.copy_(b)
+    m.train(train)
+    return m
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,K,N,r", [((7, 37), 37, 100, 1), ((2, 5, 64), 64, 48, 8), ((2, 3, 4, 33), 33, 17, 4)])
+def test_forward_and_grads_vs_float64(dtype, shape, K, N, r):
+    W, b, A, B = _params(K, N, r, torch.float64)
+    x64 = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    m = _run_module(x64, W, b, A, B, 0.5, 0.0).to(dtype)
+    for prm in (m.weight, m.bias):
+        prm.requires_grad_(True)  # exact gradients for an unfrozen base too
+    x = x64.detach().to(dtype).requires_grad_(True)
+    y = m(x)
+    g = torch.randn_like(y, dtype=torch.float64)
+    (y.double() * g).sum().backward()
+    W64, b64, A64, B64 = (t.detach().double().requires_grad_(True) for t in (m.weight, m.bias, m.lora_A, m.lora_B))
+    xr = x.detach().double().requires_grad_(True)
+    yr = naive_lora(xr, W64, b64, A64, B64, 0.5)
+    (yr * g).sum().backward()
+    assert y.dtype == dtype and y.shape == (*shape[:-1], N)
+    assert_close_dtype(y, yr, dtype)
+    for name, got, want in [("x", x.grad, xr.grad), ("W", m.weight.grad, W64.grad), ("b", m.bias.grad, b64.grad),
+                            ("A", m.lora_A.grad, A64.grad), ("B", m.lora_B.grad, B64.grad)]:
+        assert_close_dtype(got, want, dtype, "grad", msg=f"grad {name} ({dtype})")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_float64(p, bias):
+    W, b, A, B = _params(13, 11, 3, torch.float64, bias=bias)
+    tensors = [t.requires_grad_(True) for t in (W, A, B) + ((b,) if bias else ())]
+    x = torch.randn(5, 13, dtype=torch.float64, requires_grad=True)
+    seed = torch.tensor([1234])
+
+    def f(x, W, A, B, *rest):
+        return _lora_linear_op(x, W, rest[0] if rest else None, A, B, seed if p else None, 0.7, p, [0, 11], "torch")[0]
+
+    assert torch.autograd.gradcheck(f, (x, *tensors))
+
+
+def test_dropout_gradients_match_reference_built_from_the_same_mask():
+    """Forward and backward use one mask: the mask regenerated from the seed, checked element by element."""
+    p = 0.4
+    W, b, A, B = _params(29, 23, 5, torch.float64)
+    tensors = [t.requires_grad_(True) for t in (W, b, A, B)]
+    x = torch.randn(9, 29, dtype=torch.float64, requires_grad=True)
+    seed = torch.tensor([987654321])
+    y, h = _lora_linear_op(x, *tensors[:1], tensors[1], tensors[2], tensors[3], seed, 1.5, p, [0, 23], "torch")
+    keep = dropout_keep_mask(987654321, 9, 29, p, x.device)
+    assert 0 < keep.sum() < keep.numel()
+    x2 = x.detach().clone().requires_grad_(True)
+    t2 = [t.detach().clone().requires_grad_(True) for t in tensors]
+    yr = naive_lora(x2, t2[0], t2[1], t2[2], t2[3], 1.5, keep, p)
+    torch.testing.assert_close(y, yr)
+    torch.testing.assert_close(h, (x2 * keep / (1 - p)) @ t2[2].t())
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (yr * g).sum().backward()
+    for got, want in zip([x.grad] + [t.grad for t in tensors], [x2.grad] + [t.grad for t in t2]):
+        torch.testing.assert_close(got, want)
+
+
+def test_manual_seed_reproduces_and_eval_is_deterministic():
+    m = LoRALinear(32, 16, r=4, lora_dropout=0.5)
+    torch.nn.init.normal_(m.lora_B)
+    x = torch.randn(10, 32)
+    torch.manual_seed(3)
+    y1 = m(x)
+    torch.manual_seed(3)
+    y2 = m(x)
+    y3 = m(x)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    assert not torch.equal(y2, y3)  # a fresh draw gives a fresh mask
+    m.eval()
+    torch.testing.assert_close(m(x), m(x), rtol=0, atol=0)
+    torch.testing.assert_close(m(x), naive_lora(x, m.weight, m.bias, m.lora_A, m.lora_B, m.scaling))
+
+
+def test_p0_and_eval_draw_no_seed():
+    """Eval mode and p=0 skip all dropout work: the global generator is not advanced."""
+    m = LoRALinear(8, 8, r=2, lora_dropout=0.2).eval()
+    torch.manual_seed(0)
+    m(torch.randn(3, 8))
+    after_eval = torch.rand(1)
+    torch.manual_seed(0)
+    torch.randn(3, 8)
+    assert torch.equal(after_eval, torch.rand(1))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_kept_fraction_within_statistical_bounds(p):
+    n = 200_000
+    keep = dropout_keep_mask(42, 400, 500, p, torch.device("cpu"))
+    frac = keep.double().mean().item()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(frac - (1 - p)) < 5 * sigma
+    assert not torch.equal(keep, dropout_keep_mask(43, 400, 500, p, torch.device("cpu")))
+    assert torch.equal(keep, dropout_keep_mask(42, 400, 500, p, torch.device("cpu")))
+
+
+def test_empty_batch_and_non_contiguous_input():
+    m = LoRALinear(37, 100, r=1, lora_dropout=0.1)
+    torch.nn.init.normal_(m.lora_B)
+    x0 = torch.randn(0, 37, requires_grad=True)
+    y0 = m(x0)
+    y0.sum().backward()
+    assert y0.shape == (0, 100) and x0.grad.shape == (0, 37)
+    assert torch.count_nonzero(m.lora_A.grad) == 0
+    m.eval()
+    xt = torch.randn(37, 6).t()  # (6, 37), non-contiguous
+    assert not xt.is_contiguous()
+    torch.testing.assert_close(m(xt), m(xt.contiguous()))
+
+
+def test_named_backend_context_and_auto():
+    assert "torch" in lora_fused.available_backends()
+    m = LoRALinear(8, 4, r=2)
+    with lora_fused.use_backend("torch"):
+        assert lora_fused.get_backend() == "torch"
+        m(torch.randn(2, 8))
+    assert lora_fused.get_backend() == "auto"
