@@ -123,10 +123,11 @@ def lora_linear_backward_ref(
         x_kept = x if drop is None else x.masked_fill(drop, 0)
         dA = dh_scaled.t() @ x_kept
     if need_dx:
-        if drop is None:
-            dx = torch.addmm(g @ weight, dh_scaled, lora_A)
-        else:  # the masked low-rank term first, then the big GEMM accumulates onto it (beta=1): no extra pass
-            dx = (dh_scaled @ lora_A).masked_fill_(drop, 0).addmm_(g, weight)
+        # The (masked) low-rank term first, then the big GEMM accumulates onto it in place (beta=1).
+        dx = dh_scaled @ lora_A
+        if drop is not None:
+            dx.masked_fill_(drop, 0)
+        dx.addmm_(g, weight)
     if need_dw:
         dW = g.t() @ x
     if need_db:

@@ -105,7 +105,7 @@ def lora_bwd_dh_db(g, lora_B, h, scaling: float, dh_scale: float, lora_slices, n
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     dh_arg = dh if dh is not None else g
     _KERNEL(g.device)[grid](
-        g, lora_B, h, dh_arg, db if db is not None else g,
+        g, lora_B, h, dh_arg, db if db is not None else torch.zeros(1, dtype=torch.float32, device=g.device),
         M, R, next_pow2(M), N,
         g.stride(0), g.stride(1), lora_B.stride(0), lora_B.stride(1), h.stride(0), h.stride(1),
         dh_arg.stride(0), dh_arg.stride(1),
