@@ -10,6 +10,21 @@ from ._errors import BackendUnavailableError, LoRADtypeError, LoRAShapeError
 from .backends import available_backends, get_backend, set_backend, use_backend
 from . import ops
 from .modules import LoRABase, LoRALinear, LoRAQKV
+from .model import (
+    LoadResult,
+    LoRAModuleInfo,
+    LoRASummary,
+    from_peft,
+    inject_lora,
+    load_lora,
+    load_lora_state_dict,
+    lora_parameters,
+    lora_state_dict,
+    lora_summary,
+    mark_only_lora_as_trainable,
+    merge_lora,
+    save_lora,
+)
 
 __all__ = [
     "__version__",
@@ -25,4 +40,17 @@ __all__ = [
     "LoRABase",
     "LoRALinear",
     "LoRAQKV",
+    "inject_lora",
+    "mark_only_lora_as_trainable",
+    "lora_parameters",
+    "lora_state_dict",
+    "load_lora_state_dict",
+    "save_lora",
+    "load_lora",
+    "merge_lora",
+    "lora_summary",
+    "LoRASummary",
+    "LoRAModuleInfo",
+    "LoadResult",
+    "from_peft",
 ]

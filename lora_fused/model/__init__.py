@@ -1,0 +1,31 @@
+"""Model-level APIs: inject adapters, choose what trains, save/load adapter checkpoints (safetensors or PEFT's
+directory format), merge for deployment, summarise, and run PEFT models on lora_fused's op."""
+
+from .checkpoint import load_lora, save_lora
+from .from_peft import from_peft
+from .inject import inject_lora
+from .merge import merge_lora
+from .summary import LoRAModuleInfo, LoRASummary, lora_summary
+from .trainable import (
+    LoadResult,
+    load_lora_state_dict,
+    lora_parameters,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+)
+
+__all__ = [
+    "inject_lora",
+    "mark_only_lora_as_trainable",
+    "lora_parameters",
+    "lora_state_dict",
+    "load_lora_state_dict",
+    "save_lora",
+    "load_lora",
+    "merge_lora",
+    "lora_summary",
+    "LoRASummary",
+    "LoRAModuleInfo",
+    "LoadResult",
+    "from_peft",
+]
