@@ -5,10 +5,12 @@
 Registered ops (namespace ``lora_fused``):
 
 * ``lora_linear(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, lora_slices, backend) -> (y, h)``
-  with ``x`` (M, K), ``weight`` (N, K), ``bias`` (N,) or None, ``lora_A`` (T·r, K), ``lora_B`` (ΣN_t, r),
+  with ``x`` (..., K) (M rows once flattened), ``weight`` (N, K), ``bias`` (N,) or None, ``lora_A`` (T·r, K), ``lora_B`` (ΣN_t, r),
   ``seed`` an int64 one-element tensor (None when ``dropout_p == 0``), ``lora_slices`` the flat
   ``[off_0, n_0, …]`` output columns of each target (``[0, N]`` for a plain layer), ``backend`` the requested
-  backend name; returns ``y`` (M, N) and ``h = dropout(x) Aᵀ`` (M, T·r).
+  backend name; returns ``y`` (..., N) and ``h = dropout(x) Aᵀ`` (M, T·r). The op flattens ``x`` itself (so
+  a non-contiguous input is saved as it is, not as a copy) and its ``y`` is a fresh tensor, not a view
+  (FSDP2 warns about modules returning views).
 * ``lora_linear_backward(grad_y, x, weight, lora_A, lora_B, h, seed, scaling, dropout_p, lora_slices, backend,
   needs) -> [dx, dW, db, dA, dB]`` (an empty tensor where ``needs`` is False).
 
@@ -18,6 +20,7 @@ and no mask. The dropout mask is regenerated from the seed in backward.
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -42,14 +45,25 @@ def _lora_linear_op(
     lora_slices: List[int],
     backend: str,
 ) -> Tuple[Tensor, Tensor]:
-    impl = select_backend(backend, x, weight, lora_A, lora_B)
-    y, h = impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)
-    return y, h
+    x2 = _rows(x)
+    impl = select_backend(backend, x2, weight, lora_A, lora_B)
+    y, h = impl.forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)
+    return _unflatten(y, (*x.shape[:-1], weight.shape[0])), h
 
 
 @_lora_linear_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, lora_slices, backend):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+    rows = math.prod(x.shape[:-1])
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(rows, lora_A.shape[0])
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _unflatten(t: Tensor, shape) -> Tensor:
+    """``t`` viewed as ``shape``, returned as a tensor of its own rather than a view (same storage)."""
+    return t if t.shape == shape else t.view(shape).detach()
 
 
 @torch.library.custom_op("lora_fused::lora_linear_backward", mutates_args=())
@@ -67,8 +81,11 @@ def _lora_linear_backward_op(
     backend: str,
     needs: List[bool],
 ) -> List[Tensor]:
-    impl = select_backend(backend, x, weight, lora_A, lora_B)
-    grads = impl.backward(grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, lora_slices, needs)
+    x2 = _rows(x)
+    impl = select_backend(backend, x2, weight, lora_A, lora_B)
+    grads = list(impl.backward(_rows(grad_y), x2, weight, lora_A, lora_B, h, scaling, dropout_p, seed, lora_slices, needs))
+    if grads[0] is not None:
+        grads[0] = _unflatten(grads[0], x.shape)
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
@@ -106,11 +123,25 @@ def _backward(ctx, grad_y, grad_h):
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+_RANK_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads rank ids over the seed space
+
+
+@torch.compiler.assume_constant_result
+def _distributed_rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def draw_seed(x: Tensor) -> Tensor:
     """A fresh dropout seed: an int64 one-element tensor drawn from the generator of ``x``'s device, so
     ``torch.manual_seed`` reproduces the masks (and activation checkpointing, which restores the RNG state,
-    recomputes the same mask)."""
-    return torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64)
+    recomputes the same mask). Under ``torch.distributed`` the rank is mixed in, so ranks seeded alike still
+    draw different masks."""
+    seed = torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64)
+    rank = _distributed_rank()
+    if rank:
+        seed = seed ^ ((rank * _RANK_MIX) & (2**62 - 1))
+    return seed
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
@@ -159,12 +190,8 @@ def lora_apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, lo
         raise ValueError(f"{where}: dropout_p must be in [0, 1), got {dropout_p}")
     p = float(dropout_p) if training else 0.0
     seed = draw_seed(x) if p > 0.0 else None
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    y2, _ = _lora_linear_op(
-        x2, weight, bias, lora_A, lora_B, seed, float(scaling), p, list(lora_slices), requested_backend()
-    )
-    return y2.view(*lead, weight.shape[0])
+    y, _ = _lora_linear_op(x, weight, bias, lora_A, lora_B, seed, float(scaling), p, list(lora_slices), requested_backend())
+    return y
 
 
 def lora_linear(
