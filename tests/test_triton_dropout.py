@@ -1,0 +1,116 @@
+"""The Triton kernels' in-kernel dropout: one mask per seed, shared by forward and backward, statistically sound."""
+
+import math
+
+import pytest
+import torch
+
+from lora_fused.ops.lora_linear import _lora_linear_op
+
+pytest.importorskip("triton")
+import triton  # noqa: E402
+
+from lora_fused.kernels.reference.dropout import keep_threshold_u16  # noqa: E402
+from lora_fused.kernels.triton import dropout_mask, triton_dropout_keep_mask  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    "triton" not in __import__("lora_fused").available_backends(), reason="Triton backend unavailable here"
+)
+
+
+def test_reproducible_per_seed_and_seeds_differ():
+    a = triton_dropout_keep_mask(2024, 40, 70, 0.3)
+    b = triton_dropout_keep_mask(torch.tensor([2024]), 40, 70, 0.3)
+    c = triton_dropout_keep_mask(2025, 40, 70, 0.3)
+    assert torch.equal(a, b)
+    # two independent masks of rate 0.3 disagree on 2·0.3·0.7 = 42 % of the elements
+    assert 0.35 < (a != c).float().mean().item() < 0.49
+    high = triton_dropout_keep_mask(2024 + 2**40, 40, 70, 0.3)  # the high 32 bits of the seed matter too
+    assert (a != high).float().mean().item() > 0.35
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_kept_fraction_within_statistical_bounds(p):
+    M, K = 96, 160
+    keep = triton_dropout_keep_mask(99, M, K, p)
+    q = 1 - keep_threshold_u16(p) / 65536  # the quantized keep probability (|q - (1-p)| ≤ 7.7e-6)
+    assert abs(q - (1 - p)) < 1e-5
+    n = M * K
+    sigma = math.sqrt(q * (1 - q) / n)
+    assert abs(keep.float().mean().item() - q) < 5 * sigma
+    # every one of the 8 decisions drawn from one Philox output (lane = col % 8) has the right rate
+    for lane in range(8):
+        sub = keep[:, lane::8]
+        s = math.sqrt(q * (1 - q) / sub.numel())
+        assert abs(sub.float().mean().item() - q) < 5 * s, lane
+    # rows and columns are not all alike (the counter uses both coordinates)
+    assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 8])
+
+
+def test_neighbouring_decisions_are_uncorrelated():
+    keep = triton_dropout_keep_mask(5, 64, 128, 0.5).float() - 0.5
+    n = keep[:, :-1].numel()
+    for a, b in ((keep[:, :-1], keep[:, 1:]), (keep[:-1], keep[1:])):
+        corr = (a * b).mean().item() / 0.25
+        assert abs(corr) < 5 / math.sqrt(n)
+
+
+def test_mask_is_a_function_of_position_not_of_tiling():
+    """Every kernel tiles differently; the mask must not depend on the tile shape."""
+    seed = torch.tensor([31337])
+    M, K = 37, 75
+    ref = triton_dropout_keep_mask(seed, M, K, 0.4)
+    for bm, bk in ((16, 8), (32, 64), (64, 16)):
+        out = torch.empty(M, K, dtype=torch.int8)
+        grid = (triton.cdiv(M, bm), triton.cdiv(K, bk))
+        dropout_mask._keep_mask_kernel[grid](seed, out, M, K, keep_threshold_u16(0.4), BLOCK_M=bm, BLOCK_K=bk)
+        assert torch.equal(out.bool(), ref), (bm, bk)
+    # fewer rows: the same decisions at the same (row, col)
+    assert torch.equal(triton_dropout_keep_mask(seed, 20, K, 0.4), ref[:20])
+
+
+def test_forward_h_uses_exactly_the_exported_mask():
+    """h = x̂ Aᵀ with A = identity rows reads the dropped input back: it must equal keep∘x/(1-p) exactly."""
+    M, K, p = 23, 40, 0.35
+    x = torch.randn(M, K)
+    W = torch.zeros(8, K)
+    A = torch.zeros(K, K)  # T·r = K = 40 ≤ 128, B has r = 40 columns
+    A[torch.arange(K), torch.arange(K)] = 1.0
+    B = torch.zeros(8, K)
+    seed = torch.tensor([8])
+    _, h = _lora_linear_op(x, W, None, A, B, seed, 1.0, p, [0, 8], "triton")
+    keep = triton_dropout_keep_mask(seed, M, K, p)
+    torch.testing.assert_close(h, torch.where(keep, x / (1 - p), torch.zeros_like(x)), atol=1e-6, rtol=1e-6)
+
+
+def test_backward_regenerates_the_forward_mask():
+    """dA = dhᵀ x̂ and dx's low-rank term read the mask in backward: with s·gB = 1 they expose it directly."""
+    M, K, N, p = 18, 24, 1, 0.4
+    x = torch.randn(M, K, requires_grad=True)
+    W = torch.zeros(N, K)
+    A = torch.randn(1, K, requires_grad=True)
+    B = torch.ones(N, 1, requires_grad=True)
+    seed = torch.tensor([4242])
+    y, _ = _lora_linear_op(x, W, None, A, B, seed, 1.0, p, [0, N], "triton")
+    y.sum().backward()
+    keep = triton_dropout_keep_mask(seed, M, K, p).float() / (1 - p)
+    torch.testing.assert_close(x.grad, keep * A.detach(), atol=1e-5, rtol=1e-5)       # dx = m/(1-p)∘(1·A)
+    torch.testing.assert_close(A.grad, (keep * x.detach()).sum(0, keepdim=True), atol=1e-4, rtol=1e-4)
+    # and a different seed gives a different gradient (the mask is not ignored)
+    x.grad = None
+    y2, _ = _lora_linear_op(x, W, None, A, B, torch.tensor([4243]), 1.0, p, [0, N], "triton")
+    y2.sum().backward()
+    assert not torch.allclose(x.grad, keep * A.detach())
+
+
+def test_seed_is_read_on_device_not_synced(monkeypatch):
+    """The kernels take the seed tensor itself: .item() is never called on it."""
+    def boom(self):
+        raise AssertionError(".item() called on a tensor")
+
+    x = torch.randn(9, 16, requires_grad=True)
+    W, A, B = torch.randn(8, 16), torch.randn(2, 16, requires_grad=True), torch.randn(8, 2, requires_grad=True)
+    seed = torch.tensor([5])
+    monkeypatch.setattr(torch.Tensor, "item", boom)
+    y, _ = _lora_linear_op(x, W, None, A, B, seed, 1.0, 0.2, [0, 8], "triton")
+    y.sum().backward()
