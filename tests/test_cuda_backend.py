@@ -1,0 +1,246 @@
+"""The ``"cuda"`` backend (kernels from ``csrc/``) against the float64 math and the torch backend.
+
+Needs a CUDA GPU (sm_80+) and the built extension (``LORA_FUSED_FORCE_CUDA=1 pip install --no-build-isolation
+-e .``); every test skips with the reason otherwise. The dropout mask of the kernels is read back with the
+backend's ``keep_mask`` (the same device function the kernels call), so outputs and gradients with dropout are
+checked exactly against the float64 math with that mask: the forward and backward masks are the same, and the
+mask is checked against an independent Python implementation of the documented Philox formula.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lora_fused
+from lora_fused import LoRALinear, LoRAQKV
+from lora_fused.backends import unavailable_reason
+
+from conftest import TOLERANCES, assert_close_dtype, naive_lora
+
+_REASON = None if not torch.cuda.is_available() else unavailable_reason("cuda")
+if not torch.cuda.is_available():
+    _REASON = "needs a CUDA GPU (none visible)"
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_REASON is not None, reason=f"CUDA backend unavailable: {_REASON}")]
+
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def _backend():
+    from lora_fused.backends import get_backend_impl
+
+    return get_backend_impl("cuda")
+
+
+def _tensors(M, K, N, r, dtype, T=1, n_lora=None, bias=True, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda *s: (torch.randn(*s, generator=g, device="cuda", dtype=torch.float32) * 0.5).to(dtype)  # noqa: E731
+    n_lora = N if n_lora is None else n_lora
+    x, W = mk(M, K), mk(N, K) / K**0.5 * 2
+    b = mk(N) if bias else None
+    A, B = mk(T * r, K) / K**0.5 * 2, mk(n_lora, r)
+    return x, W, b, A, B
+
+
+def _seed(v):
+    return torch.tensor([v], dtype=torch.int64, device="cuda")
+
+
+def _reference(x, W, b, A, B, s, p, keep, slices, g):
+    """float64 forward/backward with an explicit keep mask (autograd through the naive math)."""
+    xs = [t.detach().double().requires_grad_() if t is not None else None for t in (x, W, b, A, B)]
+    y = naive_lora(*xs, s, keep=keep, p=p, lora_slices=slices)
+    y.backward(g.double())
+    r = B.shape[1]
+    xd = xs[0].detach() if keep is None else xs[0].detach() * keep.double() / (1 - p)
+    h = xd @ xs[3].detach().t()
+    return y.detach(), h, [t.grad if t is not None else None for t in xs]
+
+
+def _check(M, K, N, r, dtype, p, slices=None, T=1, bias=True, seed=1234):
+    be = _backend()
+    slices = [0, N] if slices is None else slices
+    n_lora = sum(slices[1::2])
+    x, W, b, A, B = _tensors(M, K, N, r, dtype, T=T, n_lora=n_lora, bias=bias)
+    s = 0.75
+    sd = _seed(seed) if p > 0 else None
+    assert be.reject_reason(x, W, A, B) is None
+    y, h = be.forward(x, W, b, A, B, s, p, sd, slices)
+    keep = be.keep_mask(sd, M, K, p) if p > 0 else None
+    g = (torch.randn(M, N, device="cuda") * 0.5).to(dtype)
+    y_ref, h_ref, grads_ref = _reference(x, W, b, A, B, s, p, keep, slices, g)
+    assert y.shape == (M, N) and h.shape == (M, T * r) and y.dtype == dtype
+    assert_close_dtype(y, y_ref, dtype, "out", msg="y")
+    assert_close_dtype(h, h_ref, dtype, "out", msg="h")
+    needs = [True, True, bias, True, True]
+    dx, dW, db, dA, dB = be.backward(g, x, W, A, B, h, s, p, sd, slices, needs)
+    for name, got, want in zip(("dx", "dW", "db", "dA", "dB"), (dx, dW, db, dA, dB), grads_ref):
+        if want is None:
+            assert got is None
+            continue
+        assert got.shape == want.shape and got.dtype == dtype, name
+        assert_close_dtype(got, want, dtype, "grad", msg=name)
+    return y, h, (dx, dW, db, dA, dB)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize(
+    "M,K,N,r",
+    [(128, 256, 192, 16), (1, 64, 64, 8), (37, 72, 100, 4), (130, 200, 70, 1), (65, 96, 33, 128), (200, 40, 24, 24)],
+)
+def test_matches_float64_math(M, K, N, r, dtype, p):
+    _check(M, K, N, r, dtype, p)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_bias_and_m_zero(dtype):
+    _check(50, 64, 48, 8, dtype, 0.2, bias=False)
+    be = _backend()
+    x, W, b, A, B = _tensors(0, 64, 48, 8, dtype)
+    y, h = be.forward(x, W, b, A, B, 0.5, 0.3, _seed(3), [0, 48])
+    assert y.shape == (0, 48) and h.shape == (0, 8)
+    dx, dW, db, dA, dB = be.backward(y, x, W, A, B, h, 0.5, 0.3, _seed(3), [0, 48], [True, True, True, True, True])
+    assert dx.shape == (0, 64) and dW.shape == W.shape and db.shape == (48,)
+    assert (dA == 0).all() and (dB == 0).all() and dA.shape == A.shape and dB.shape == B.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize(
+    "splits,slices,T",
+    [
+        ((64, 64, 64), [0, 64, 128, 64], 2),  # q and v of an MHA qkv
+        ((96, 32, 32), [0, 96, 96, 32, 128, 32], 3),  # GQA, all three targets
+        ((40, 20, 20), [40, 20], 1),  # k only, slice boundaries not on a 64-column tile edge
+        ((50, 30, 30), [0, 50, 80, 30], 2),  # q and v; tiles straddle the q/k and k/v boundaries
+    ],
+)
+def test_qkv_targets_and_splits(splits, slices, T, dtype, p):
+    _check(70, 80, sum(splits), 8, dtype, p, slices=slices, T=T)
+
+
+def test_dropout_same_mask_forward_backward_and_reproducible():
+    be = _backend()
+    dtype = torch.bfloat16
+    M, K, N, r, p = 96, 136, 64, 8, 0.3
+    x, W, b, A, B = _tensors(M, K, N, r, dtype)
+    g = torch.randn(M, N, device="cuda").to(dtype)
+    runs = []
+    for _ in range(2):
+        y, h = be.forward(x, W, b, A, B, 1.0, p, _seed(99), [0, N])
+        grads = be.backward(g, x, W, A, B, h, 1.0, p, _seed(99), [0, N], [True, False, False, True, True])
+        runs.append((y, h, grads))
+    # same seed: identical outputs (dA/dB use fp32 atomics: equal to rounding, not bitwise)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert torch.equal(runs[0][2][0], runs[1][2][0])
+    torch.testing.assert_close(runs[0][2][3], runs[1][2][3])
+    # another seed: another mask
+    y2, h2 = be.forward(x, W, b, A, B, 1.0, p, _seed(100), [0, N])
+    assert not torch.equal(h2, runs[0][1])
+    # the mask is a pure function of (seed, row, col): a sub-block of rows/cols gives the same decisions
+    big = be.keep_mask(_seed(5), 300, 500, p)
+    small = be.keep_mask(_seed(5), 40, 24, p)
+    assert torch.equal(big[:40, :24], small)
+    # backward uses the forward mask: x's gradient through the LoRA path vanishes exactly where dropped
+    Wz = torch.zeros_like(W)
+    dx = be.backward(g, x, Wz, A, B, h, 1.0, p, _seed(99), [0, N], [True, False, False, False, False])[0]
+    keep = be.keep_mask(_seed(99), M, K, p)
+    assert (dx[~keep] == 0).all()
+    assert (dx[keep] != 0).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_kept_fraction(p):
+    keep = _backend().keep_mask(_seed(7), 1024, 1024, p)
+    q = round(p * 65536) / 65536
+    assert abs(keep.float().mean().item() - (1 - q)) < 5e-3
+    # no structure along rows or columns
+    assert keep.float().mean(0).std().item() < 0.05 and keep.float().mean(1).std().item() < 0.05
+
+
+def _philox_ref(c0, c1, k0, k1):
+    M0, M1, W0, W1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57), 0x9E3779B9, 0xBB67AE85
+    c = [np.uint64(c0), np.uint64(c1), np.uint64(0), np.uint64(0)]
+    k = [k0, k1]
+    mask = np.uint64(0xFFFFFFFF)
+    for _ in range(10):
+        p0, p1 = M0 * c[0], M1 * c[2]
+        hi0, lo0 = (p0 >> np.uint64(32)) & mask, p0 & mask
+        hi1, lo1 = (p1 >> np.uint64(32)) & mask, p1 & mask
+        c = [hi1 ^ c[1] ^ np.uint64(k[0]), lo1, hi0 ^ c[3] ^ np.uint64(k[1]), lo0]
+        k = [(k[0] + W0) & 0xFFFFFFFF, (k[1] + W1) & 0xFFFFFFFF]
+    return [int(v) for v in c]
+
+
+def test_mask_matches_documented_philox_formula():
+    seed, p, M, K = 0x1234_5678_9ABC_DEF0, 0.37, 5, 21
+    thr = min(round(p * 65536), 65535)
+    want = np.zeros((M, K), dtype=bool)
+    for row in range(M):
+        for grp in range((K + 7) // 8):
+            words = _philox_ref(grp, row, seed & 0xFFFFFFFF, seed >> 32)
+            for i in range(8):
+                col = grp * 8 + i
+                if col < K:
+                    u = (words[i >> 1] >> (16 * (i & 1))) & 0xFFFF
+                    want[row, col] = u >= thr
+    got = _backend().keep_mask(_seed(seed), M, K, p).cpu().numpy()
+    assert (got == want).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_modules_on_cuda_backend_match_torch_backend(dtype):
+    torch.manual_seed(0)
+    lin = LoRALinear(96, 80, r=8, lora_alpha=16, device="cuda", dtype=dtype)
+    torch.nn.init.normal_(lin.lora_B, std=0.2)
+    qkv = LoRAQKV(96, 3 * 32, r=4, targets="qv", device="cuda", dtype=dtype)
+    for t in "qv":
+        torch.nn.init.normal_(qkv.lora_B_for(t), std=0.2)
+    x = torch.randn(3, 17, 96, device="cuda", dtype=dtype)
+    for m in (lin, qkv):
+        m.eval()
+        outs = {}
+        for name in ("torch", "cuda"):
+            m.zero_grad()
+            xx = x.clone().requires_grad_()
+            with lora_fused.use_backend(name):
+                y = m(xx)
+                y.float().square().sum().backward()
+            outs[name] = (y.detach(), xx.grad, m.lora_A.grad if hasattr(m, "lora_A") else None)
+        atol, rtol = TOLERANCES[dtype]["out"]
+        torch.testing.assert_close(outs["cuda"][0], outs["torch"][0], atol=atol, rtol=rtol)
+        atol, rtol = TOLERANCES[dtype]["grad"]
+        scale = max(1.0, outs["torch"][1].abs().max().item())
+        torch.testing.assert_close(outs["cuda"][1], outs["torch"][1], atol=atol * scale, rtol=rtol)
+
+
+def test_training_with_dropout_through_the_module_is_reproducible():
+    torch.manual_seed(0)
+    m = LoRALinear(64, 48, r=8, lora_dropout=0.2, device="cuda", dtype=torch.bfloat16)
+    torch.nn.init.normal_(m.lora_B, std=0.2)
+    m.train()
+    x = torch.randn(33, 64, device="cuda", dtype=torch.bfloat16)
+    ys = []
+    with lora_fused.use_backend("cuda"):
+        for _ in range(2):
+            torch.manual_seed(5)
+            ys.append(m(x))
+    assert torch.equal(ys[0], ys[1])
+
+
+def test_auto_picks_cuda_for_half_and_rejects_float32():
+    be = _backend()
+    x, W, b, A, B = _tensors(8, 32, 16, 4, torch.float32)
+    reason = be.reject_reason(x, W, A, B)
+    assert reason is not None and "float16 and bfloat16" in reason
+    from lora_fused.backends import select_backend
+
+    assert select_backend("auto", x, W, A, B).name != "cuda"
+    xh, Wh, bh, Ah, Bh = _tensors(8, 32, 16, 4, torch.float16)
+    assert select_backend("auto", xh, Wh, Ah, Bh).name == "cuda"
+    _, _, _, A_big, B_big = _tensors(8, 32, 16, 129, torch.float16)
+    assert "rank" in be.reject_reason(xh, Wh, A_big, B_big)
+    assert "cpu" in be.reject_reason(xh.cpu(), Wh.cpu(), Ah.cpu(), Bh.cpu())
