@@ -82,18 +82,26 @@ def _arch_key(device: torch.device) -> str:
     return "sm90" if major >= 9 else "sm80"
 
 
+def autotune_enabled() -> bool:
+    """``LORA_FUSED_TRITON_AUTOTUNE=0`` runs the first config of each list (no benchmarking, fewer compiles)."""
+    return os.environ.get("LORA_FUSED_TRITON_AUTOTUNE", "1") not in ("0", "", "false", "False")
+
+
 class tuned:
     """A ``@triton.jit`` kernel wrapped in ``triton.autotune`` with the config list of the device's architecture.
 
-    ``configs`` maps ``"sm90"``, ``"sm80"`` and ``"interpret"`` to lists of ``triton.Config``; the autotuner
-    is built once per architecture. ``kernel(device)[grid](*args, **kwargs)`` launches."""
+    ``configs`` maps ``"sm90"``, ``"sm80"`` and ``"interpret"`` to lists of ``triton.Config`` (first = the
+    default when autotuning is off); the autotuner is built once per architecture, keyed on the shapes named
+    in ``key`` (M enters as ``M_KEY``, its next power of two, so varying batch sizes do not re-tune each time).
+    ``kernel(device)[grid](*args, **kwargs)`` launches."""
 
     def __init__(self, fn, configs: Dict[str, List["triton.Config"]], key: Sequence[str], reset_to_zero=None):
         self.fn, self.configs, self.key, self.reset_to_zero = fn, configs, list(key), reset_to_zero
 
     @functools.lru_cache(maxsize=None)
-    def _for(self, arch: str):
-        return triton.autotune(configs=self.configs[arch], key=self.key, reset_to_zero=self.reset_to_zero)(self.fn)
+    def _for(self, arch: str, full: bool):
+        configs = self.configs[arch] if full else self.configs[arch][:1]
+        return triton.autotune(configs=configs, key=self.key, reset_to_zero=self.reset_to_zero)(self.fn)
 
     def __call__(self, device: torch.device):
-        return self._for(_arch_key(device))
+        return self._for(_arch_key(device), autotune_enabled())

@@ -12,11 +12,11 @@ from .lora_linear_fwd import slice_args
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M sets how many programs add into dB (M / BLOCK_M).
 DHDB_CONFIGS_SM90 = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 128, 8, 3), (128, 64, 4, 4), (256, 64, 8, 3), (64, 128, 4, 4)]
+    for bm, bn, w, s in [(128, 64, 4, 4), (128, 128, 8, 3), (64, 128, 4, 4), (64, 64, 4, 2)]
 ]
 DHDB_CONFIGS_SM80 = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)]
+    for bm, bn, w, s in [(128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 2)]
 ]
 DHDB_CONFIGS_INTERPRET = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32})]
 
