@@ -348,3 +348,22 @@ def test_end_to_end_training_sam_style(tmp_path):
     lf.load_lora(fresh, path)
     fresh.eval()
     torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
+
+
+def test_qkv_splits_for_grouped_query_attention():
+    m = nn.Sequential()
+    m.add_module("attn", nn.Module())
+    m.attn.qkv = nn.Linear(16, 32)  # q 16, k 8, v 8
+    with pytest.raises(ValueError, match="attn.qkv"):
+        lf.inject_lora(m, ["qkv"], qkv_targets="qv")  # 32 is not three equal parts
+    assert type(m.attn.qkv) is nn.Linear
+    lf.inject_lora(m, ["qkv"], qkv_targets="qv", qkv_splits=(16, 8, 8), r=2)
+    qkv = m.attn.qkv
+    assert qkv.splits == (16, 8, 8) and qkv.lora_B.shape == (24, 2) and qkv.lora_B_for("v").shape == (8, 2)
+    randomize_adapters(m)
+    x = torch.randn(3, 16)
+    base = nn.functional.linear(x, qkv.weight, qkv.bias)
+    out = qkv(x)
+    torch.testing.assert_close(out[:, 16:24], base[:, 16:24], rtol=0, atol=0)
+    expected_v = base[:, 24:] + qkv.scaling * (x @ qkv.lora_A_for("v").t()) @ qkv.lora_B_for("v").t()
+    torch.testing.assert_close(out[:, 24:], expected_v, rtol=1e-5, atol=1e-5)

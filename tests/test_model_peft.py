@@ -279,3 +279,33 @@ def test_from_peft_multiple_adapters_set_later_raise_at_forward():
 def test_importing_lora_fused_does_not_import_peft():
     code = "import sys, lora_fused; assert 'peft' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_from_peft_and_inject_on_cuda_match_peft(dtype):
+    """On the GPU (the fastest available backend): from_peft and inject_lora against PEFT, outputs and grads."""
+    tol = {torch.float32: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}[dtype]
+    base = timm_vit().to("cuda", dtype)
+    ours = copy.deepcopy(base)
+    torch.manual_seed(9)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "fc1"], init_lora_weights=False)
+    pm = peft.get_peft_model(base, cfg, autocast_adapter_dtype=False)
+    fused = copy.deepcopy(pm)
+    lf.from_peft(fused)
+    lf.inject_lora(ours, ["qkv", "fc1"], r=4, lora_alpha=8)
+    copy_peft_into_ours(pm, ours)
+    img = IMG.to("cuda", dtype)
+    y_ref, y_fused, y_ours = pm(img), fused(img), ours(img)
+    torch.testing.assert_close(y_fused.float(), y_ref.float(), **tol)
+    torch.testing.assert_close(y_ours.float(), y_ref.float(), **tol)
+    for y in (y_ref, y_fused, y_ours):
+        y.float().square().sum().backward()
+    ref_layers, fused_layers = peft_layers(pm), peft_layers(fused)
+    for name, layer in ref_layers.items():
+        for ab in ("lora_A", "lora_B"):
+            g_ref = getattr(layer, ab)["default"].weight.grad.float()
+            scale = dict(rtol=tol["rtol"], atol=tol["atol"] * max(1.0, float(g_ref.abs().max())))
+            torch.testing.assert_close(getattr(fused_layers[name], ab)["default"].weight.grad.float(), g_ref, **scale)
+            torch.testing.assert_close(getattr(ours.get_submodule(name), ab).grad.float(), g_ref, **scale)
