@@ -70,12 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", default=None, help="output directory (default benchmarks/results/<device>-<date>/)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for a CPU run (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     return p
 
 
 def resolve(args: argparse.Namespace) -> Dict:
     """Fill the device-dependent defaults; validate. Returns the run configuration."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     device = args.device or harness.best_device()
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -132,15 +137,16 @@ def resolve(args: argparse.Namespace) -> Dict:
     }
 
 
-def run(cfg: Dict) -> List[Dict]:
-    """Runs every (op, shape, mode) comparison of ``cfg``; returns the rows (without environment columns)."""
+def run(cfg: Dict, on_case=None) -> List[Dict]:
+    """Runs every (op, shape, mode) comparison of ``cfg``; returns the rows (without environment columns).
+    ``on_case(rows_so_far)`` is called after each (op, shape), e.g. to write partial results."""
     total = suite.count_reps(cfg["ops"], cfg["shapes"], cfg["modes"], cfg["reps"])
     bar = None
     if cfg["progress"]:
         try:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, unit="rep", desc="benchmarks", dynamic_ncols=True, file=sys.stderr)
+            bar = tqdm(total=total, unit="rep", desc="benchmarks", dynamic_ncols=True, file=sys.stderr, disable=None)
         except ImportError:
             bar = None
     rows: List[Dict] = []
@@ -151,19 +157,24 @@ def run(cfg: Dict) -> List[Dict]:
                     continue
                 if bar is not None:
                     bar.set_postfix_str(f"{op} {shape.name}")
+                t_case = time.time()
                 rows += suite.run_case(
                     op, shape, device=cfg["device"], dtype=cfg["dtype"], r=cfg["r"], lora_alpha=cfg["lora_alpha"],
                     ps=cfg["ps"], modes=cfg["modes"], backends=cfg["backends"], with_peft=cfg["with_peft"],
                     reps=cfg["reps"], warmup=cfg["warmup"], seed=cfg["seed"],
                     on_rep=(lambda: bar.update(1)) if bar is not None else None,
                 )
+                if bar is None or bar.disable:
+                    print(f"[benchmarks] {op} {shape.name}: done in {time.time() - t_case:.0f} s", flush=True)
+                if on_case is not None:
+                    on_case(rows)
     finally:
         if bar is not None:
             bar.close()
     return rows
 
 
-def write_outputs(rows: List[Dict], cfg: Dict, command: str, plots: bool = True) -> Dict[str, str]:
+def write_outputs(rows: List[Dict], cfg: Dict, command: str, plots: bool = True, info: bool = True) -> Dict[str, str]:
     out = cfg["out"]
     os.makedirs(out, exist_ok=True)
     env = harness.environment(cfg["device"], cfg["dtype"])
@@ -193,6 +204,8 @@ def write_outputs(rows: List[Dict], cfg: Dict, command: str, plots: bool = True)
     else:
         paths.pop("time_png")
         paths.pop("mem_png")
+    if not info:
+        return paths
     info_path = os.path.join(out, "info.txt")
     try:
         from lora_fused.info import collect
@@ -224,8 +237,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for note in cfg["notes"]:
         print(f"note: {note}")
     t0 = time.time()
-    rows = run(cfg)
     command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in argv)
+    # Tables are rewritten after every case, so a run cut short still leaves its finished rows behind.
+    rows = run(cfg, on_case=lambda rs: write_outputs(rs, cfg, command.strip(), plots=False, info=False))
     paths = write_outputs(rows, cfg, command.strip(), plots=not args.no_plots)
     print()
     print(report.console_table(report.complete_rows(rows, {})))

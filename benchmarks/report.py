@@ -185,6 +185,10 @@ def plot(rows: Sequence[Dict], out_dir: str, title: str = "") -> List[str]:
     return written
 
 
+_COLORS = {"floor": "0.6", "plain": "C0", "peft": "C1", "lora_fused[torch]": "C2", "lora_fused[triton]": "C3",
+           "lora_fused[cuda]": "C4"}
+
+
 def _grouped_bars(ax, rows: Sequence[Dict], key: str, tf) -> None:
     cases = []
     for r in rows:
@@ -207,7 +211,9 @@ def _grouped_bars(ax, rows: Sequence[Dict], key: str, tf) -> None:
                 if f"{r['op']}\n{r['shape']}" == c and _series_label(r) == s and r.get(key) not in (None, ""):
                     xs.append(j - 0.4 + width * (i + 0.5))
                     ys.append(tf(r[key]))
-        ax.bar(xs, ys, width=width, label=s)
+        r0 = next(r for r in rows if _series_label(r) == s)
+        ax.bar(xs, ys, width=width, label=s, color=_COLORS.get(_label(r0), None),
+               hatch="//" if (r0["method"] != "floor" and r0["p"] > 0) else None, edgecolor="white")
     ax.set_xticks(range(len(cases)))
     ax.set_xticklabels(cases, fontsize=8)
     ax.legend(fontsize=7, ncol=2)
@@ -224,6 +230,9 @@ def headline(rows: Sequence[Dict]) -> List[str]:
         parts = []
         for r in rs:
             if r["method"] == "floor" or r["p"] != pmax:
+                continue
+            if r.get("ratio_to_floor") is None:
+                parts.append(f"{_label(r)} {r.get('note') or 'no result'}")
                 continue
             parts.append(f"{_label(r)} {r['ratio_to_floor']:.2f}x floor, saves {_f(r.get('saved_over_x'), '.2f')}x bytes(x)")
         lines.append(f"{op} {shape} fwd+bwd p={pmax:g}: " + "; ".join(parts))

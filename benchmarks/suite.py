@@ -100,6 +100,22 @@ def run_case(
             m.module.train(mode == "fwd+bwd")
         steps = {m.label: _make_step(m, x, g, mode) for m in methods}
 
+        # Probe: a method that fails here (e.g. a backend that rejects the shape) is reported, not fatal.
+        failed: Dict[str, str] = {}
+        for m in methods[1:]:
+            clear, step = steps[m.label]
+            try:
+                step()
+                clear()
+            except Exception as exc:  # noqa: BLE001
+                failed[m.label] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        if failed:
+            for m in methods:
+                if m.label in failed:
+                    rows.append(_failed_row(op, shape, r, lora_alpha, m, mode, failed[m.label]))
+            methods = [m for m in methods if m.label not in failed]
+            steps = {k: v for k, v in steps.items() if k not in failed}
+
         # Numerical check at p=0 in eval mode: every method against plain PyTorch.
         errs: Dict[str, float] = {}
         plain0 = next((m for m in methods if m.method == "plain" and m.p == 0.0), None)
@@ -170,6 +186,16 @@ def run_case(
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _failed_row(op, shape, r, lora_alpha, m: Method, mode: str, why: str) -> Dict:
+    row = {k: None for k in ("median_ms", "iqr_ms", "min_ms", "reps", "ratio_to_floor", "saved_bytes",
+                             "saved_ratio_to_floor", "saved_over_x", "peak_bytes", "peak_ratio_to_floor",
+                             "rel_err_vs_plain")}
+    row.update({"op": op, "shape": shape.name, "M": shape.M, "K": shape.K, "N": shape.N, "r": r,
+                "lora_alpha": lora_alpha, "method": m.method, "backend": m.backend, "p": m.p, "mode": mode,
+                "note": why})
+    return row
 
 
 def count_reps(ops: Sequence[str], shapes: Sequence[harness.Shape], modes: Sequence[str], reps: int) -> int:

@@ -159,3 +159,15 @@ def test_quick_run_writes_all_outputs(tmp_path, capsys):
     assert int(lin[("plain", 0.1)]["saved_bytes"]) > int(lin[("lora_fused", 0.1)]["saved_bytes"])
     md = (out / "results.md").read_text()
     assert "### linear · tiny" in md and "### qkv · tiny" in md and "| method |" in md
+
+
+def test_a_failing_method_is_reported_not_fatal():
+    rows = suite.run_case(
+        "linear", harness.PRESETS["tiny"], device="cpu", dtype=torch.float32, r=4, lora_alpha=8, ps=[0.1],
+        modes=["fwd+bwd"], backends=["torch", "no-such-backend"], with_peft=False, reps=1, warmup=0,
+    )
+    bad = [r for r in rows if r["backend"] == "no-such-backend"]
+    good = [r for r in rows if r["backend"] == "torch"]
+    assert len(bad) == 1 and bad[0]["median_ms"] is None and bad[0]["note"].startswith("failed:")
+    assert len(good) == 1 and good[0]["median_ms"] > 0
+    assert any("failed" in line for line in report.headline(rows))
