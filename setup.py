@@ -58,7 +58,13 @@ def cuda_extension():
     except Exception as exc:  # noqa: BLE001
         if FORCE_CUDA:
             raise
-        warnings.warn(f"lora_fused: skipping the optional CUDA extension ({type(exc).__name__}: {exc})")
+        hint = ""
+        if isinstance(exc, ImportError) and "torch" in str(exc):
+            hint = (
+                "; torch is not importable in this build environment (pip's build isolation): to build the "
+                "extension, LORA_FUSED_FORCE_CUDA=1 pip install --no-build-isolation -e ."
+            )
+        warnings.warn(f"lora_fused: skipping the optional CUDA extension ({type(exc).__name__}: {exc}){hint}")
         return [], {}
 
 

@@ -1,7 +1,11 @@
 // Python binding of the CUDA backend (module lora_fused._C). The torch custom op layer
 // (lora_fused/ops/lora_linear.py) dispatches to lora_fused/backends/cuda_backend.py, which calls these
 // functions; they check the tensors, allocate outputs, and launch the kernels on the current CUDA stream.
-#include <torch/extension.h>
+// Lighter than <torch/extension.h> (which pulls in the whole C++ frontend): ATen, torch's pybind casters for
+// at::Tensor, and pybind11's std::optional / std::vector casters. Halves the compile time of this file.
+#include <ATen/ATen.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

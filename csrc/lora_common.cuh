@@ -4,8 +4,9 @@
 //
 // Design rule: correct by construction. Every operand element is fetched through a loader that does its own
 // bounds checks (ragged M/N/K are zero-filled), shared-memory tiles have one fixed layout, and the epilogue
-// sees fp32 accumulators in shared memory. No asynchronous copies, no double buffering: the simple version
-// first (it cannot be run on the development machine), faster mainloops later, measured against it.
+// sees fp32 accumulators in shared memory. The only pipelining is a register prefetch of the next slab into a
+// second shared-memory stage; no cp.async/TMA/wgmma yet: the simple version first (it cannot be run on the
+// development machine), faster mainloops later, measured against it.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -120,53 +121,73 @@ constexpr int kLdB = kBN + 8;  // Bs[BK][kLdB]   (k, n)
 constexpr int kLdC = kBN + 4;  // Cs[BM][kLdC]   fp32
 template <typename T>
 struct GemmSmem {
-  static constexpr int kOperandBytes = (kBM * kLdA + kBK * kLdB) * static_cast<int>(sizeof(T));
+  static constexpr int kStageElems = kBM * kLdA + kBK * kLdB;  // one stage: As then Bs (both 256-bit aligned)
+  static constexpr int kOperandBytes = 2 * kStageElems * static_cast<int>(sizeof(T));
   static constexpr int kEpilogueBytes = 2 * kBM * kLdC * static_cast<int>(sizeof(float));
   static constexpr int kBytes = kOperandBytes > kEpilogueBytes ? kOperandBytes : kEpilogueBytes;
 };
 
+// Each thread moves exactly two 8-element chunks of each operand per slab (256 chunks, 128 threads): the loads
+// of the next slab go to registers (fetch_*) while the tensor cores work on the current one, then to shared
+// memory (store_*). Indices: chunk c -> (row, col) of the tile as below, identical in fetch and store.
+static_assert(kBM * (kBK / 8) == 2 * kThreads && kBN * (kBK / 8) == 2 * kThreads, "two chunks per thread");
+
 template <bool AK, auto F, typename P>
-__device__ __forceinline__ void load_a_tile(const P& p, typename P::T* As, int m0, int k0) {
-  using T = typename P::T;
-  const int tid = threadIdx.x;
-  if constexpr (AK) {
-    for (int c = tid; c < kBM * (kBK / 8); c += kThreads) {
-      const int row = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
-      T v[8];
-      (p.*F)(m0 + row, k0 + kc, v);
+__device__ __forceinline__ void fetch_a(const P& p, typename P::T (&r)[2][8], int m0, int k0) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) As[row * kLdA + kc + i] = v[i];
+  for (int it = 0; it < 2; ++it) {
+    const int c = threadIdx.x + it * kThreads;
+    if constexpr (AK) {
+      (p.*F)(m0 + c / (kBK / 8), k0 + (c % (kBK / 8)) * 8, r[it]);  // (m, k0..k0+7)
+    } else {
+      (p.*F)(k0 + c / (kBM / 8), m0 + (c % (kBM / 8)) * 8, r[it]);  // (k, m0..m0+7)
     }
-  } else {
-    for (int c = tid; c < kBK * (kBM / 8); c += kThreads) {
-      const int kk = c / (kBM / 8), mc = (c % (kBM / 8)) * 8;
-      T v[8];
-      (p.*F)(k0 + kk, m0 + mc, v);
+  }
+}
+
+template <bool AK, typename T>
+__device__ __forceinline__ void store_a(const T (&r)[2][8], T* As) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) As[(mc + i) * kLdA + kk] = v[i];
+  for (int it = 0; it < 2; ++it) {
+    const int c = threadIdx.x + it * kThreads;
+    if constexpr (AK) {
+      const int row = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) As[row * kLdA + kc + i] = r[it][i];
+    } else {
+      const int kk = c / (kBM / 8), mc = (c % (kBM / 8)) * 8;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) As[(mc + i) * kLdA + kk] = r[it][i];
     }
   }
 }
 
 template <bool BK, auto F, typename P>
-__device__ __forceinline__ void load_b_tile(const P& p, typename P::T* Bs, int n0, int k0) {
-  using T = typename P::T;
-  const int tid = threadIdx.x;
-  if constexpr (BK) {
-    for (int c = tid; c < kBN * (kBK / 8); c += kThreads) {
-      const int n = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
-      T v[8];
-      (p.*F)(n0 + n, k0 + kc, v);
+__device__ __forceinline__ void fetch_b(const P& p, typename P::T (&r)[2][8], int n0, int k0) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) Bs[(kc + i) * kLdB + n] = v[i];
+  for (int it = 0; it < 2; ++it) {
+    const int c = threadIdx.x + it * kThreads;
+    if constexpr (BK) {
+      (p.*F)(n0 + c / (kBK / 8), k0 + (c % (kBK / 8)) * 8, r[it]);  // (n, k0..k0+7)
+    } else {
+      (p.*F)(k0 + c / (kBN / 8), n0 + (c % (kBN / 8)) * 8, r[it]);  // (k, n0..n0+7)
     }
-  } else {
-    for (int c = tid; c < kBK * (kBN / 8); c += kThreads) {
-      const int kk = c / (kBN / 8), nc = (c % (kBN / 8)) * 8;
-      T v[8];
-      (p.*F)(k0 + kk, n0 + nc, v);
+  }
+}
+
+template <bool BK, typename T>
+__device__ __forceinline__ void store_b(const T (&r)[2][8], T* Bs) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) Bs[kk * kLdB + nc + i] = v[i];
+  for (int it = 0; it < 2; ++it) {
+    const int c = threadIdx.x + it * kThreads;
+    if constexpr (BK) {
+      const int n = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) Bs[(kc + i) * kLdB + n] = r[it][i];
+    } else {
+      const int kk = c / (kBN / 8), nc = (c % (kBN / 8)) * 8;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) Bs[kk * kLdB + nc + i] = r[it][i];
     }
   }
 }
@@ -195,13 +216,40 @@ __device__ __forceinline__ void mma_slab(const T* As, const T* Bs, FragC (&acc)[
   }
 }
 
+// One reduction over [lo, hi) in BK slabs into acc. Two shared-memory stages and one barrier per slab: stage
+// b is rewritten two slabs later, after a barrier that every warp passes only when done reading it. Ends on a
+// barrier, so the caller may reuse shared memory.
+template <bool AK, bool BK, auto FA, auto FB, typename P>
+__device__ __forceinline__ void mainloop(const P& p, typename P::T* stages, int m0, int n0, int lo, int hi,
+                                         FragC (&acc)[2][2], int wm, int wn) {
+  using T = typename P::T;
+  if (lo >= hi) return;
+  T ra[2][8], rb[2][8];
+  fetch_a<AK, FA>(p, ra, m0, lo);
+  fetch_b<BK, FB>(p, rb, n0, lo);
+  int buf = 0;
+  for (int k0 = lo; k0 < hi; k0 += kBK) {
+    T* As = stages + buf * GemmSmem<T>::kStageElems;
+    T* Bs = As + kBM * kLdA;
+    store_a<AK>(ra, As);
+    store_b<BK>(rb, Bs);
+    __syncthreads();
+    if (k0 + kBK < hi) {  // next slab's global loads in flight during this slab's MMAs
+      fetch_a<AK, FA>(p, ra, m0, k0 + kBK);
+      fetch_b<BK, FB>(p, rb, n0, k0 + kBK);
+    }
+    mma_slab<T>(As, Bs, acc, wm, wn);
+    buf ^= 1;
+  }
+  __syncthreads();
+}
+
 // grid: (ceil(Mtile/BM), ceil(Ntile/BN), splits); block: 128 threads.
 template <typename P>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(const P p) {
   using T = typename P::T;
   __shared__ __align__(128) unsigned char smem[GemmSmem<T>::kBytes];
-  T* As = reinterpret_cast<T*>(smem);
-  T* Bs = As + kBM * kLdA;
+  T* stages = reinterpret_cast<T*>(smem);
 
   const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
   const int warp = threadIdx.x / 32, wm = warp >> 1, wn = warp & 1;
@@ -217,25 +265,13 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const P p) {
 
   int lo = 0, hi = 0;
   p.range1(blockIdx.z, lo, hi);
-  for (int k0 = lo; k0 < hi; k0 += kBK) {
-    load_a_tile<P::A1K, &P::a1>(p, As, m0, k0);
-    load_b_tile<P::B1K, &P::b1>(p, Bs, n0, k0);
-    __syncthreads();
-    mma_slab<T>(As, Bs, acc1, wm, wn);
-    __syncthreads();
-  }
+  mainloop<P::A1K, P::B1K, &P::a1, &P::b1>(p, stages, m0, n0, lo, hi, acc1, wm, wn);
   if constexpr (P::HAS2) {
     p.range2(n0, lo, hi);
-    for (int k0 = lo; k0 < hi; k0 += kBK) {
-      load_a_tile<P::A2K, &P::a2>(p, As, m0, k0);
-      load_b_tile<P::B2K, &P::b2>(p, Bs, n0, k0);
-      __syncthreads();
-      mma_slab<T>(As, Bs, acc2, wm, wn);
-      __syncthreads();
-    }
+    mainloop<P::A2K, P::B2K, &P::a2, &P::b2>(p, stages, m0, n0, lo, hi, acc2, wm, wn);
   }
 
-  // Epilogue through shared memory (the operand tiles are dead: the loop ended on a barrier).
+  // Epilogue through shared memory (free: each mainloop ended on a barrier).
   float* C1 = reinterpret_cast<float*>(smem);
   float* C2 = C1 + kBM * kLdC;
 #pragma unroll

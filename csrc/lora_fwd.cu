@@ -84,9 +84,10 @@ struct MainProblem {
   __device__ void range2(int n0, int& lo, int& hi) const {
     lo = R;
     hi = 0;
-    for (int t = 0; t < sl.ntgt; ++t) {
+#pragma unroll
+    for (int t = 0; t < kMaxTargets; ++t) {  // unrolled: no run-time indexing of the parameter struct
       const int a = sl.off[t], b = sl.off[t] + sl.cnt[t];
-      if (sl.cnt[t] > 0 && a < n0 + kBN && b > n0) {
+      if (t < sl.ntgt && sl.cnt[t] > 0 && a < n0 + kBN && b > n0) {
         lo = min(lo, t * r);
         hi = max(hi, t * r + r);
       }
