@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from lora_fused import LoRALinear, LoRAQKV
+from lora_fused import LoRALinear, LoRAQKV, lora_state_dict
 
 WORLD = 2
 
@@ -70,6 +70,7 @@ def _worker(rank, init_file, out_dir, mode):
                 losses.append(loss.item())
             result["losses"] = losses
             result["full"] = {n: p.full_tensor().detach() for n, p in net.named_parameters() if p.requires_grad}
+            result["lora_sd"] = lora_state_dict(net)
             result["frozen_sharded"] = not net.qkv.weight.requires_grad and hasattr(net.qkv.weight, "full_tensor")
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -126,3 +127,9 @@ def test_fsdp2_shards_and_trains(tmp_path):
         if p.requires_grad:
             torch.testing.assert_close(results[0]["full"][name], p.detach(), msg=name)
     assert results[0]["frozen_sharded"]
+    expected_sd = lora_state_dict(single)
+    for res in results:  # every rank gathers the full adapters
+        assert res["lora_sd"].keys() == expected_sd.keys()
+        for key, value in expected_sd.items():
+            assert not hasattr(res["lora_sd"][key], "full_tensor")
+            torch.testing.assert_close(res["lora_sd"][key], value, msg=key)

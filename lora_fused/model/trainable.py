@@ -60,12 +60,16 @@ def lora_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
 
 def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """``{"<module path>.lora_A": tensor, "<module path>.lora_B": tensor, …}``: the adapter tensors only
-    (detached, sharing storage with the model like ``state_dict()``). A ``LoRAQKV`` stores its targets packed:
+    (detached, sharing storage with the model like ``state_dict()``). Under FSDP2 the shards are gathered into
+    full tensors, so every rank must call it. A ``LoRAQKV`` stores its targets packed:
     ``lora_A`` ``(T·r, K)`` and ``lora_B`` ``(Σ n_t, r)`` in q, k, v order."""
     out = {}
     for name, module in lora_modules(model):
         for attr in _ADAPTER_ATTRS:
-            out[f"{name}.{attr}"] = getattr(module, attr).detach()
+            tensor = getattr(module, attr).detach()
+            if hasattr(tensor, "full_tensor"):  # sharded (FSDP2 / DTensor): gather the full adapter (a collective)
+                tensor = tensor.full_tensor()
+            out[f"{name}.{attr}"] = tensor
     return out
 
 
