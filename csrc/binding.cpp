@@ -111,7 +111,6 @@ Shapes check_all(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
   check_size(s.M, "M");
   check_size(s.K, "K");
   check_size(s.N, "N");
-  check_size(s.M * std::max<int64_t>({s.K, s.N, s.R, 1}) / 8, "M*max(K, N)/8");
   return s;
 }
 

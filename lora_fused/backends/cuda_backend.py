@@ -86,8 +86,8 @@ class CudaBackend:
             return f"lora_A has {lora_A.shape[0]} rows: the CUDA kernels take 1..{MAX_TARGETS} targets of rank {r}"
         limit = 2**31
         M, K, N = x.shape[0], x.shape[1], weight.shape[0]
-        if max(M, K, N) >= limit or M * max(K, N, lora_A.shape[0], 1) // 8 >= limit:
-            return f"shape (M={M}, K={K}, N={N}) exceeds the CUDA kernels' 32-bit indexing"
+        if max(M, K, N) >= limit:
+            return f"shape (M={M}, K={K}, N={N}) exceeds the CUDA kernels' limit of 2**31 - 1 per dimension"
         return None
 
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices):
