@@ -171,3 +171,11 @@ def test_a_failing_method_is_reported_not_fatal():
     assert len(bad) == 1 and bad[0]["median_ms"] is None and bad[0]["note"].startswith("failed:")
     assert len(good) == 1 and good[0]["median_ms"] > 0
     assert any("failed" in line for line in report.headline(rows))
+
+
+def test_per_op_scripts_fix_their_op():
+    from benchmarks import bench_lora_linear, bench_lora_qkv
+
+    assert bench_lora_linear.OP == "linear" and bench_lora_qkv.OP == "qkv"
+    with pytest.raises(SystemExit):
+        bench_lora_qkv.main(["--ops", "linear"])
