@@ -15,6 +15,8 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "lora_launch.h"
 
@@ -116,12 +118,18 @@ __device__ __forceinline__ void apply_keep8(T (&v)[8], uint32_t bits) {
 //      Each loader fills 8 consecutive inner elements, zero outside the problem.)
 //   a1, b1, a2, b2 loaders; range1(z, lo, hi); range2(n0, lo, hi); epilogue(m, n0, c1, c2).
 constexpr int kBM = 64, kBN = 64, kBK = 32, kThreads = 128;
-constexpr int kLdA = kBK + 8;  // As[BM][kLdA]   (m, k)
-constexpr int kLdB = kBN + 8;  // Bs[BK][kLdB]   (k, n)
-constexpr int kLdC = kBN + 4;  // Cs[BM][kLdC]   fp32
+// Shared-memory tiles keep each operand's global layout (so every thread stores its 8 elements with one 16-byte
+// st.shared, no transposition) and the wmma fragment is loaded row- or column-major to match:
+constexpr int kLdA = kBK + 8;   // A contiguous along k:  As[m][k], ld 40, matrix_a row_major
+constexpr int kLdAT = kBM + 8;  // A contiguous along m:  As[k][m], ld 72, matrix_a col_major
+constexpr int kLdB = kBN + 8;   // B contiguous along n:  Bs[k][n], ld 72, matrix_b row_major
+constexpr int kLdBT = kBK + 8;  // B contiguous along k:  Bs[n][k], ld 40, matrix_b col_major
+constexpr int kLdC = kBN + 4;   // Cs[m][n] fp32 (epilogue)
+constexpr int kAElems = kBM * kLdA > kBK * kLdAT ? kBM * kLdA : kBK * kLdAT;
+constexpr int kBElems = kBK * kLdB > kBN * kLdBT ? kBK * kLdB : kBN * kLdBT;
 template <typename T>
 struct GemmSmem {
-  static constexpr int kStageElems = kBM * kLdA + kBK * kLdB;  // one stage: As then Bs (both 256-bit aligned)
+  static constexpr int kStageElems = kAElems + kBElems;  // one stage: As then Bs (offsets multiples of 128 bytes)
   static constexpr int kOperandBytes = 2 * kStageElems * static_cast<int>(sizeof(T));
   static constexpr int kEpilogueBytes = 2 * kBM * kLdC * static_cast<int>(sizeof(float));
   static constexpr int kBytes = kOperandBytes > kEpilogueBytes ? kOperandBytes : kEpilogueBytes;
@@ -145,19 +153,22 @@ __device__ __forceinline__ void fetch_a(const P& p, typename P::T (&r)[2][8], in
   }
 }
 
+template <typename T>
+__device__ __forceinline__ void st_shared8(T* dst, const T (&v)[8]) {  // dst is 16-byte aligned (see the lds)
+  uint4 q;
+  memcpy(&q, v, sizeof(q));
+  *reinterpret_cast<uint4*>(dst) = q;
+}
+
 template <bool AK, typename T>
 __device__ __forceinline__ void store_a(const T (&r)[2][8], T* As) {
 #pragma unroll
   for (int it = 0; it < 2; ++it) {
     const int c = threadIdx.x + it * kThreads;
     if constexpr (AK) {
-      const int row = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) As[row * kLdA + kc + i] = r[it][i];
+      st_shared8(As + (c / (kBK / 8)) * kLdA + (c % (kBK / 8)) * 8, r[it]);  // As[m][k0..k0+7]
     } else {
-      const int kk = c / (kBM / 8), mc = (c % (kBM / 8)) * 8;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) As[(mc + i) * kLdA + kk] = r[it][i];
+      st_shared8(As + (c / (kBM / 8)) * kLdAT + (c % (kBM / 8)) * 8, r[it]);  // As[k][m0..m0+7]
     }
   }
 }
@@ -181,38 +192,39 @@ __device__ __forceinline__ void store_b(const T (&r)[2][8], T* Bs) {
   for (int it = 0; it < 2; ++it) {
     const int c = threadIdx.x + it * kThreads;
     if constexpr (BK) {
-      const int n = c / (kBK / 8), kc = (c % (kBK / 8)) * 8;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) Bs[(kc + i) * kLdB + n] = r[it][i];
+      st_shared8(Bs + (c / (kBK / 8)) * kLdBT + (c % (kBK / 8)) * 8, r[it]);  // Bs[n][k0..k0+7]
     } else {
-      const int kk = c / (kBN / 8), nc = (c % (kBN / 8)) * 8;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) Bs[kk * kLdB + nc + i] = r[it][i];
+      st_shared8(Bs + (c / (kBN / 8)) * kLdB + (c % (kBN / 8)) * 8, r[it]);  // Bs[k][n0..n0+7]
     }
   }
 }
 
-template <typename T>
-using FragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major>;
-template <typename T>
-using FragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::row_major>;
 using FragC = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
 
 // One BK slab of the 64x64 block tile: 4 warps in a 2x2 grid, each 32x32 = 2x2 fragments.
-template <typename T>
+template <bool AK, bool BK, typename T>
 __device__ __forceinline__ void mma_slab(const T* As, const T* Bs, FragC (&acc)[2][2], int wm, int wn) {
+  using namespace nvcuda;
+  using LA = std::conditional_t<AK, wmma::row_major, wmma::col_major>;
+  using LB = std::conditional_t<BK, wmma::col_major, wmma::row_major>;
 #pragma unroll
   for (int kk = 0; kk < kBK; kk += 16) {
-    FragA<T> a[2];
-    FragB<T> b[2];
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> a[2];
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> b[2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) nvcuda::wmma::load_matrix_sync(a[i], As + (wm * 32 + i * 16) * kLdA + kk, kLdA);
+    for (int i = 0; i < 2; ++i) {
+      const int m = wm * 32 + i * 16;  // element (m, k) at As[m*kLdA + k] (row_major) or As[k*kLdAT + m] (col_major)
+      wmma::load_matrix_sync(a[i], AK ? As + m * kLdA + kk : As + kk * kLdAT + m, AK ? kLdA : kLdAT);
+    }
 #pragma unroll
-    for (int j = 0; j < 2; ++j) nvcuda::wmma::load_matrix_sync(b[j], Bs + kk * kLdB + wn * 32 + j * 16, kLdB);
+    for (int j = 0; j < 2; ++j) {
+      const int n = wn * 32 + j * 16;  // element (k, n) at Bs[n*kLdBT + k] (col_major) or Bs[k*kLdB + n] (row_major)
+      wmma::load_matrix_sync(b[j], BK ? Bs + n * kLdBT + kk : Bs + kk * kLdB + n, BK ? kLdBT : kLdB);
+    }
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int j = 0; j < 2; ++j) nvcuda::wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+      for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
   }
 }
 
@@ -230,7 +242,7 @@ __device__ __forceinline__ void mainloop(const P& p, typename P::T* stages, int 
   int buf = 0;
   for (int k0 = lo; k0 < hi; k0 += kBK) {
     T* As = stages + buf * GemmSmem<T>::kStageElems;
-    T* Bs = As + kBM * kLdA;
+    T* Bs = As + kAElems;
     store_a<AK>(ra, As);
     store_b<BK>(rb, Bs);
     __syncthreads();
@@ -238,7 +250,7 @@ __device__ __forceinline__ void mainloop(const P& p, typename P::T* stages, int 
       fetch_a<AK, FA>(p, ra, m0, k0 + kBK);
       fetch_b<BK, FB>(p, rb, n0, k0 + kBK);
     }
-    mma_slab<T>(As, Bs, acc, wm, wn);
+    mma_slab<AK, BK, T>(As, Bs, acc, wm, wn);
     buf ^= 1;
   }
   __syncthreads();

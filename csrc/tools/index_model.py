@@ -40,23 +40,31 @@ def gemm(P, grid):
           m0,n0=bx*BM,by*BN
           acc1=np.zeros((BM,BN),np.float32); acc2=np.zeros((BM,BN),np.float32)
           def run(lo,hi,fa,fb,AK,BKc,acc):
+            # physical shared-memory layouts and wmma fragment semantics, as in lora_common.cuh
+            LdA,LdAT,LdB,LdBT=BK+8,BM+8,BN+8,BK+8
+            AE=max(BM*LdA,BK*LdAT); BE=max(BK*LdB,BN*LdBT)
             k0=lo
             while k0<hi:
-              As=np.full((BM,BK),np.nan,np.float32); Bs=np.full((BK,BN),np.nan,np.float32)
-              if AK:
-                for c in range(BM*(BK//8)):
-                  row=c//(BK//8); kc=(c%(BK//8))*8; As[row,kc:kc+8]=fa(m0+row,k0+kc)
-              else:
-                for c in range(BK*(BM//8)):
-                  kk=c//(BM//8); mc=(c%(BM//8))*8; As[mc:mc+8,kk]=fa(k0+kk,m0+mc)
-              if BKc:
-                for c in range(BN*(BK//8)):
-                  n=c//(BK//8); kc=(c%(BK//8))*8; Bs[kc:kc+8,n]=fb(n0+n,k0+kc)
-              else:
-                for c in range(BK*(BN//8)):
-                  kk=c//(BN//8); nc=(c%(BN//8))*8; Bs[kk,nc:nc+8]=fb(k0+kk,n0+nc)
-              assert not np.isnan(As).any() and not np.isnan(Bs).any()
-              acc += As@Bs
+              As=np.full(AE,np.nan,np.float32); Bs=np.full(BE,np.nan,np.float32)
+              for it in range(2):
+                for tid in range(NT):
+                  c=tid+it*NT
+                  if AK:
+                    v=fa(m0+c//(BK//8),k0+(c%(BK//8))*8); o=(c//(BK//8))*LdA+(c%(BK//8))*8
+                  else:
+                    v=fa(k0+c//(BM//8),m0+(c%(BM//8))*8); o=(c//(BM//8))*LdAT+(c%(BM//8))*8
+                  assert o%8==0; As[o:o+8]=v
+                  if BKc:
+                    v=fb(n0+c//(BK//8),k0+(c%(BK//8))*8); o=(c//(BK//8))*LdBT+(c%(BK//8))*8
+                  else:
+                    v=fb(k0+c//(BN//8),n0+(c%(BN//8))*8); o=(c//(BN//8))*LdB+(c%(BN//8))*8
+                  assert o%8==0; Bs[o:o+8]=v
+              # fragment loads: matrix_a row_major (m,k)->As[m*ld+k], col_major (m,k)->As[k*ld+m];
+              # matrix_b row_major (k,n)->Bs[k*ld+n], col_major (k,n)->Bs[n*ld+k]
+              At=np.array([[As[m*LdA+k] if AK else As[k*LdAT+m] for k in range(BK)] for m in range(BM)])
+              Bt=np.array([[Bs[n*LdBT+k] if BKc else Bs[k*LdB+n] for n in range(BN)] for k in range(BK)])
+              assert not np.isnan(At).any() and not np.isnan(Bt).any()
+              acc += At@Bt
               k0+=BK
           lo,hi=P.range1(bz); run(lo,hi,P.a1,P.b1,P.A1K,P.B1K,acc1)
           if P.HAS2:
