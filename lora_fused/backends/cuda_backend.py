@@ -20,6 +20,7 @@ import torch
 
 from .. import _cuda_ext
 
+_DEVICE_TYPE = "cuda"  # csrc/tools/dry_run_gpu_tests.py sets "cpu" (with a Python stand-in for the extension)
 MAX_RANK = 128
 MAX_TARGETS = 3
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -67,11 +68,12 @@ class CudaBackend:
         return None
 
     def reject_reason(self, x, weight, lora_A, lora_B) -> Optional[str]:
-        if x.device.type != "cuda":
+        if x.device.type != _DEVICE_TYPE:
             return f"tensors are on {x.device}, the CUDA backend needs a CUDA device"
-        reason = _arch_reason(x.device.index if x.device.index is not None else torch.cuda.current_device())
-        if reason is not None:
-            return reason
+        if _DEVICE_TYPE == "cuda":
+            reason = _arch_reason(x.device.index if x.device.index is not None else torch.cuda.current_device())
+            if reason is not None:
+                return reason
         if x.dtype not in _DTYPES:
             return f"dtype {x.dtype} is not supported by the CUDA kernels (float16 and bfloat16 only)"
         for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
