@@ -11,18 +11,23 @@ namespace lora_fused {
 namespace {
 
 // ------------------------------------------------------------------------------------------ kernel 1: dh, dB
-constexpr int kDhBM = 32;               // rows of g per block
-constexpr int kDhBN = 32;               // columns of g per step
-constexpr int kDhLdH = kMaxRank + 8;    // Hs[32][136], Bs[32][136]  (input dtype)
-constexpr int kDhLdG = kDhBN + 8;       // Gs[32][40]
-constexpr int kDhLdC = kMaxRank + 4;    // Cs[32][132] fp32
-constexpr int kDhTilesPerWarp = 4;      // (32/16) * (128/16) = 16 tiles of 16x16 over 4 warps
+// A block owns BM rows of g and walks the targeted columns in steps of 32. Two shapes: BM = 128 rows for
+// r <= 32 (the common ranks; 4x fewer dB atomics) and BM = 32 rows for r <= 128. Per block: dh (BM x r)
+// in registers, 16 tiles of 16x16 at most over 4 warps; the dB chunk (32 x r) through shared memory to atomics.
+constexpr int kDhBN = 32;            // columns of g per step
+constexpr int kDhLdG = kDhBN + 8;    // Gs[BM][40]
+constexpr int kDhTilesPerWarp = 4;   // (BM/16) * (RMAX/16) = 16 tiles over 4 warps in both shapes
 
-template <typename T>
+template <typename T, int BM, int RMAX>
 __global__ void __launch_bounds__(kThreads)
     dh_db_kernel(const T* __restrict__ g, const T* __restrict__ h, const T* __restrict__ B, T* __restrict__ dh,
                  float* __restrict__ dB32, int M, int N, int r, Slices sl, float s) {
   using namespace nvcuda;
+  constexpr int kDhBM = BM;
+  constexpr int kDhLdH = RMAX + 8;  // Hs[BM][RMAX+8], Bs[32][RMAX+8] (input dtype)
+  constexpr int kDhLdC = RMAX + 4;  // Cs[BM][RMAX+4] fp32
+  constexpr int kTm = BM / 16;      // 16-row tiles of the block
+  static_assert(kTm * (RMAX / 16) <= 4 * kDhTilesPerWarp, "dh tiles must fit the per-warp fragments");
   __shared__ __align__(128) T Hs[kDhBM * kDhLdH];
   __shared__ __align__(128) T Bs[kDhBN * kDhLdH];
   __shared__ __align__(128) T Gs[kDhBM * kDhLdG];
@@ -32,7 +37,8 @@ __global__ void __launch_bounds__(kThreads)
   const int m0 = blockIdx.x * kDhBM;
   const int tid = threadIdx.x, warp = tid / 32;
   const int rp = (r + 15) / 16 * 16;   // rank padded to the MMA tile
-  const int ntiles = 2 * (rp / 16);    // 16x16 tiles of a 32 x rp output
+  const int ntiles = kTm * (rp / 16);  // 16x16 tiles of the BM x rp dh block
+  const int ntiles_db = 2 * (rp / 16);  // 16x16 tiles of the 32 x rp dB chunk
   const T zero = Cvt<T>::from_f(0.f);
 
   for (int t = 0; t < sl.ntgt; ++t) {
@@ -57,12 +63,12 @@ __global__ void __launch_bounds__(kThreads)
         Bs[nn * kDhLdH + j] = (nb + nn < cnt && j < r) ? B[static_cast<int64_t>(boff + nb + nn) * r + j] : zero;
       }
       __syncthreads();
-      // dh (32 x rp) += G (32 x 32) . B_t chunk (32 x rp)
+      // dh (BM x rp) += G (BM x 32) . B_t chunk (32 x rp)
 #pragma unroll
       for (int i = 0; i < kDhTilesPerWarp; ++i) {
         const int tile = warp + 4 * i;
         if (tile < ntiles) {
-          const int tm = tile & 1, tj = tile >> 1;
+          const int tm = tile % kTm, tj = tile / kTm;
 #pragma unroll
           for (int kk = 0; kk < kDhBN; kk += 16) {
             wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
@@ -74,11 +80,11 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       if (dB32 != nullptr) {
-        // dB chunk (32 x rp) = G^T (32 x 32, read column-major from Gs) . H_t (32 x rp)
+        // dB chunk (32 x rp) = G^T (32 x BM, read column-major from Gs) . H_t (BM x rp)
 #pragma unroll
         for (int i = 0; i < kDhTilesPerWarp; ++i) {
           const int tile = warp + 4 * i;
-          if (tile < ntiles) {
+          if (tile < ntiles_db) {
             const int tn = tile & 1, tj = tile >> 1;
             wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
             wmma::fill_fragment(c, 0.f);
@@ -106,7 +112,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < kDhTilesPerWarp; ++i) {
       const int tile = warp + 4 * i;
       if (tile < ntiles) {
-        const int tm = tile & 1, tj = tile >> 1;
+        const int tm = tile % kTm, tj = tile / kTm;
         wmma::store_matrix_sync(Cs + tm * 16 * kDhLdC + tj * 16, dacc[i], kDhLdC, wmma::mem_row_major);
       }
     }
@@ -203,9 +209,16 @@ template <typename T>
 cudaError_t dh_db_impl(const void* g, const void* h, const void* B, void* dh, float* dB32, int M, int N, int r,
                        Slices sl, float scaling, cudaStream_t stream) {
   if (M > 0 && sl.ntgt > 0 && r > 0) {
-    dh_db_kernel<T><<<ceil_div(M, kDhBM), kThreads, 0, stream>>>(static_cast<const T*>(g), static_cast<const T*>(h),
-                                                                  static_cast<const T*>(B), static_cast<T*>(dh),
-                                                                  dB32, M, N, r, sl, scaling);
+    const T* gp = static_cast<const T*>(g);
+    const T* hp = static_cast<const T*>(h);
+    const T* Bp = static_cast<const T*>(B);
+    T* dhp = static_cast<T*>(dh);
+    if (r <= 32) {
+      dh_db_kernel<T, 128, 32><<<ceil_div(M, 128), kThreads, 0, stream>>>(gp, hp, Bp, dhp, dB32, M, N, r, sl, scaling);
+    } else {
+      dh_db_kernel<T, 32, kMaxRank><<<ceil_div(M, 32), kThreads, 0, stream>>>(gp, hp, Bp, dhp, dB32, M, N, r, sl,
+                                                                              scaling);
+    }
   }
   return cudaGetLastError();
 }

@@ -170,29 +170,37 @@ class Da:
 
 def dh_db(g,h,B,r,sl,s):
     M,N=g.shape; R=sl.ntgt*r; dh=np.full((M,R),np.nan,np.float32); dB32=np.zeros((B.shape[0],r),np.float32)
+    BMv,RMAX=(128,32) if r<=32 else (32,128)   # the launcher's choice
+    kTm=BMv//16
     rp=cdiv(r,16)*16
-    for bx in range(cdiv(M,32)):
-        m0=bx*32
+    assert kTm*(rp//16)<=16 and 2*(rp//16)<=16
+    for bx in range(cdiv(M,BMv)):
+        m0=bx*BMv
         for t in range(sl.ntgt):
             off,cnt,boff=sl.off[t],sl.cnt[t],sl.boff[t]
-            Hs=np.zeros((32,rp),np.float32)
-            for e in range(32*rp):
+            Hs=np.zeros((BMv,rp),np.float32)
+            for e in range(BMv*rp):
                 m,j=e//rp,e%rp; Hs[m,j]=h[m0+m,t*r+j] if (m0+m<M and j<r) else 0
-            dacc=np.zeros((32,rp),np.float32)
+            dacc=np.zeros((BMv,rp),np.float32)
             nb=0
             while nb<cnt:
-                Gs=np.zeros((32,32),np.float32); Bs=np.zeros((32,rp),np.float32)
-                for e in range(32*32):
+                Gs=np.zeros((BMv,32),np.float32); Bs=np.zeros((32,rp),np.float32)
+                for e in range(BMv*32):
                     m,nn=e//32,e%32; Gs[m,nn]=g[m0+m,off+nb+nn] if (m0+m<M and nb+nn<cnt) else 0
                 for e in range(32*rp):
                     nn,j=e//rp,e%rp; Bs[nn,j]=B[boff+nb+nn,j] if (nb+nn<cnt and j<r) else 0
-                dacc+=Gs@Bs
-                Cs=Gs.T@Hs
+                for tile in range(kTm*(rp//16)):   # the warps' dh tiles
+                    tm,tj=tile%kTm,tile//kTm
+                    dacc[tm*16:tm*16+16,tj*16:tj*16+16]+=Gs[tm*16:tm*16+16,:]@Bs[:,tj*16:tj*16+16]
+                Cs=np.full((BMv,rp),np.nan,np.float32)
+                for tile in range(2*(rp//16)):      # the warps' dB tiles
+                    tn,tj=tile&1,tile>>1
+                    Cs[tn*16:tn*16+16,tj*16:tj*16+16]=Gs[:,tn*16:tn*16+16].T@Hs[:,tj*16:tj*16+16]
                 for e in range(32*r):
                     nn,j=e//r,e%r
                     if nb+nn<cnt: dB32[boff+nb+nn,j]+=Cs[nn,j]
                 nb+=32
-            for e in range(32*r):
+            for e in range(BMv*r):
                 m,j=e//r,e%r
                 if m0+m<M: dh[m0+m,t*r+j]=s*dacc[m,j]
     return dh,dB32
@@ -242,3 +250,5 @@ if __name__=="__main__":
     run_all(50,100,70,16,[0,70],0.1)          # K not a multiple of 8
     run_all(40,64,48,128,[0,48],0.2)          # the largest rank
     run_all(33,24,60,5,[20,20],0.15,bias=False)  # one target in the middle (k only)
+    run_all(300,48,100,32,[0,40,60,40],0.2)   # r = 32: the 128-row dh/dB block, 3 row blocks
+    run_all(70,48,100,33,[0,100],0.2)         # r = 33: the 32-row block
