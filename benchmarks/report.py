@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence
 ENV_COLUMNS = ["device", "device_name", "dtype", "torch", "triton", "peft", "lora_fused", "commit", "date", "threads"]
 CASE_COLUMNS = [
     "op", "shape", "M", "K", "N", "r", "lora_alpha", "method", "backend", "p", "mode",
-    "median_ms", "iqr_ms", "min_ms", "reps", "ratio_to_floor",
+    "median_ms", "iqr_ms", "min_ms", "reps", "ratio_to_floor", "ratio_to_floor_paired",
     "saved_bytes", "saved_ratio_to_floor", "saved_over_x", "peak_bytes", "peak_ratio_to_floor",
     "rel_err_vs_plain", "note",
 ]
@@ -85,7 +85,7 @@ def markdown(rows: Sequence[Dict], meta: Dict) -> str:
         r0 = rs[0]
         lines.append(f"### {op} · {shape} ({r0['M']}x{r0['K']}->{r0['N']}) · {mode}")
         lines.append("")
-        head = ["method", "p", "median ms", "IQR ms", "x floor"]
+        head = ["method", "p", "median ms", "IQR ms", "x floor", "x floor (paired)"]
         if mode == "fwd+bwd":
             head += ["saved MiB", "saved / x"]
         if show_peak:
@@ -95,7 +95,7 @@ def markdown(rows: Sequence[Dict], meta: Dict) -> str:
         lines.append("|" + "---|" * len(head))
         for r in rs:
             cells = [_label(r), "-" if r["method"] == "floor" else f"{r['p']:g}", _f(r["median_ms"], ".2f"),
-                     _f(r["iqr_ms"], ".2f"), _f(r["ratio_to_floor"], ".3f")]
+                     _f(r["iqr_ms"], ".2f"), _f(r["ratio_to_floor"], ".3f"), _f(r.get("ratio_to_floor_paired"), ".3f")]
             if mode == "fwd+bwd":
                 cells += [_mib(r.get("saved_bytes")), _f(r.get("saved_over_x"), ".3f")]
             if show_peak:
@@ -105,7 +105,9 @@ def markdown(rows: Sequence[Dict], meta: Dict) -> str:
         lines.append("")
     lines.append(
         "median/IQR: milliseconds per call over the timed repetitions (methods interleaved round-robin). "
-        "x floor: median over the frozen nn.Linear's median in the same mode (fwd+bwd floor: gradient to x only). "
+        "x floor: median over the frozen nn.Linear's median in the same mode (fwd+bwd floor: gradient to x only); "
+        "x floor (paired): the median over repetitions of time / floor's time in the same repetition (steadier on a "
+        "busy machine). "
         "saved: bytes autograd keeps for backward (distinct storages, parameters excluded; the floor keeps none); "
         "saved / x: that over bytes(x). peak (CUDA): peak allocated memory of one call above what was allocated "
         "before it. rel err: max |out - plain| / max |plain| of the eval forward at p=0."
@@ -116,7 +118,7 @@ def markdown(rows: Sequence[Dict], meta: Dict) -> str:
 def console_table(rows: Sequence[Dict]) -> str:
     out = []
     show_peak = any(r.get("peak_bytes") not in (None, "") for r in rows)
-    hdr = f"{'op':<7}{'shape':<12}{'mode':<9}{'method':<20}{'p':>5}{'median ms':>11}{'IQR':>9}{'x floor':>9}{'saved MiB':>11}{'/x':>7}"
+    hdr = f"{'op':<7}{'shape':<12}{'mode':<9}{'method':<20}{'p':>5}{'median ms':>11}{'IQR':>9}{'x floor':>9}{'paired':>8}{'saved MiB':>11}{'/x':>7}"
     if show_peak:
         hdr += f"{'peak MiB':>10}{'x floor':>9}"
     out.append(hdr)
@@ -126,6 +128,7 @@ def console_table(rows: Sequence[Dict]) -> str:
             line = (
                 f"{op:<7}{shape:<12}{mode:<9}{_label(r):<20}{('-' if r['method'] == 'floor' else format(r['p'], 'g')):>5}"
                 f"{_f(r['median_ms'], '.2f'):>11}{_f(r['iqr_ms'], '.2f'):>9}{_f(r['ratio_to_floor'], '.3f'):>9}"
+                f"{_f(r.get('ratio_to_floor_paired'), '.3f'):>8}"
                 f"{_mib(r.get('saved_bytes')):>11}{_f(r.get('saved_over_x'), '.2f'):>7}"
             )
             if show_peak:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+import statistics
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -173,6 +174,9 @@ def run_case(
                 "min_ms": st["min_ms"],
                 "reps": st["reps"],
                 "ratio_to_floor": st["median_ms"] / fstats["median_ms"],
+                "ratio_to_floor_paired": statistics.median(
+                    a / b for a, b in zip(times[m.label], times[floor.label]) if b > 0
+                ),
                 "saved_bytes": sb,
                 "saved_ratio_to_floor": (sb / fsb) if (sb is not None and fsb) else None,
                 "saved_over_x": (sb / x_bytes) if sb is not None else None,
@@ -189,7 +193,7 @@ def run_case(
 
 
 def _failed_row(op, shape, r, lora_alpha, m: Method, mode: str, why: str) -> Dict:
-    row = {k: None for k in ("median_ms", "iqr_ms", "min_ms", "reps", "ratio_to_floor", "saved_bytes",
+    row = {k: None for k in ("median_ms", "iqr_ms", "min_ms", "reps", "ratio_to_floor", "ratio_to_floor_paired", "saved_bytes",
                              "saved_ratio_to_floor", "saved_over_x", "peak_bytes", "peak_ratio_to_floor",
                              "rel_err_vs_plain")}
     row.update({"op": op, "shape": shape.name, "M": shape.M, "K": shape.K, "N": shape.N, "r": r,
