@@ -178,3 +178,22 @@ def test_tf32_follows_torch_flag():
         assert dot_precision(torch.float32) == "tf32"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def test_op_accepts_nd_input_like_the_torch_backend():
+    """The op is called with 2-D x by the modules, but an N-D x (as the fuzz tests pass) works on every backend."""
+    x, W, b, A, B = _make(6, 13, 9, 2, 1, 9, torch.float32)
+    x3 = x.view(2, 3, 13).requires_grad_()
+    A.requires_grad_()
+    seed = torch.tensor([9])
+    y, h = _lora_linear_op(x3, W, b, A, B, seed, 0.5, 0.2, [0, 9], "triton")
+    assert y.shape == (2, 3, 9) and h.numel() == 12 and h.shape[-1] == 2  # h: (M, T·r), the op flattens x
+    y.sum().backward()
+    keep = triton_dropout_keep_mask(seed, 6, 13, 0.2)
+    rx, rA = x.double().requires_grad_(), A.detach().double().requires_grad_()
+    ref = naive_lora(rx, W.double(), b.double(), rA, B.double(), 0.5, keep, 0.2)
+    ref.sum().backward()
+    assert_close_dtype(y.reshape(6, 9), ref, torch.float32)
+    assert x3.grad.shape == (2, 3, 13)
+    assert_close_dtype(x3.grad.reshape(6, 13), rx.grad, torch.float32, "grad")
+    assert_close_dtype(A.grad, rA.grad, torch.float32, "grad")
