@@ -6,6 +6,8 @@ build the float64 reference from it and compare every output and gradient bit-fo
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -36,5 +38,6 @@ def triton_dropout_keep_mask(seed, M: int, K: int, p: float, device=None) -> tor
     out = torch.empty(M, K, dtype=torch.int8, device=seed.device)
     if M and K:
         grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_K))
-        _keep_mask_kernel[grid](seed, out, M, K, keep_threshold_u16(p), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+        with (torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext()):
+            _keep_mask_kernel[grid](seed, out, M, K, keep_threshold_u16(p), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
     return out.bool()
