@@ -23,4 +23,7 @@ except ModuleNotFoundError:
         "LORA_FUSED_FORCE_CUDA=1 pip install --no-build-isolation -e .)"
     )
 except ImportError as exc:  # built for another torch / CUDA runtime
-    CUDA_EXT_ERROR = f"the CUDA extension lora_fused._C failed to load ({exc})"
+    CUDA_EXT_ERROR = (
+        f"the CUDA extension lora_fused._C failed to load ({exc}); it must be rebuilt against the torch that "
+        f"imports it (torch {torch.__version__}): LORA_FUSED_FORCE_CUDA=1 pip install --no-build-isolation -e ."
+    )
