@@ -32,3 +32,50 @@ def test_every_kernel_compiles_for_sm90():
     )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "0 failed of" in out.stdout
+
+
+def test_config_pruning_by_shared_memory():
+    """Configs that cannot fit the GPU's shared memory are pruned before compiling; with autotuning off the first
+    config that fits is used; every list keeps a config that fits even an sm_86-class GPU (99 KiB) at r = 128."""
+    from lora_fused.kernels.triton import lora_bwd_da, lora_bwd_dh_db, lora_bwd_dx, lora_down, lora_linear_fwd
+    from lora_fused.kernels.triton._common import pick_configs
+
+    H100, SM86 = 232448, 101376
+    meta = {"BLOCK_R": 128, "HAS_DROPOUT": True}
+    down = lora_down.DOWN_CONFIGS_SM90
+    fp32 = pick_configs(down, lora_down._smem, H100, 4, meta, full=True)
+    assert down[0] not in fp32 and fp32 and all(lora_down._smem({**meta, **c.kwargs, "num_stages": c.num_stages}, 4) <= H100 for c in fp32)
+    assert pick_configs(down, lora_down._smem, H100, 2, meta, full=False) == [down[0]]  # bf16: the first fits
+    assert len(pick_configs(down, lora_down._smem, H100, 4, meta, full=False)) == 1
+    lists = [
+        (lora_down.DOWN_CONFIGS_SM90 + lora_down.DOWN_CONFIGS_SM80, lora_down._smem),
+        (lora_linear_fwd.GEMM_CONFIGS_SM90 + lora_linear_fwd.GEMM_CONFIGS_SM80, lora_linear_fwd.gemm_smem),
+        (lora_bwd_dx.DX_CONFIGS_SM90 + lora_bwd_dx.DX_CONFIGS_SM80, lora_bwd_dx._smem),
+        (lora_bwd_da.DA_CONFIGS_SM90 + lora_bwd_da.DA_CONFIGS_SM80, lora_bwd_da._smem),
+        (lora_bwd_dh_db.DHDB_CONFIGS_SM90 + lora_bwd_dh_db.DHDB_CONFIGS_SM80, lora_bwd_dh_db._smem),
+    ]
+    for configs, est in lists:
+        last = configs[-1]
+        assert est({**meta, **last.kwargs, "num_stages": last.num_stages}, 4) <= SM86, est
+
+
+def test_autotuner_prune_hook_uses_the_estimate(monkeypatch):
+    """The prune hook installed on the autotuner (GPU path) picks by the device limit and the operand dtype."""
+    import torch
+
+    from lora_fused.kernels.triton import _common, lora_down
+
+    monkeypatch.setattr(_common, "device_smem_limit", lambda device: 232448)
+    x32, x16 = torch.empty(4, 4), torch.empty(4, 4, dtype=torch.float16)
+    configs = lora_down.DOWN_CONFIGS_SM90
+    for full in (True, False):
+        tuner = lora_down._KERNEL._for("sm90", full)
+        prune = tuner.early_config_prune
+        kw = {"BLOCK_R": 128, "HAS_DROPOUT": True, "DOT_PREC": "tf32"}
+        got16 = prune(configs, {"x_ptr": x16, "a_ptr": x16}, **kw)
+        got32 = prune(configs, {"x_ptr": x32, "a_ptr": x32}, **kw)
+        assert got16[0] is configs[0] and configs[0] not in got32
+        if full:
+            assert len(got16) > len(got32) >= 1 and set(got16) <= set(configs)
+        else:
+            assert len(got16) == len(got32) == 1

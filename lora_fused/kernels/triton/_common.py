@@ -83,8 +83,34 @@ def _arch_key(device: torch.device) -> str:
 
 
 def autotune_enabled() -> bool:
-    """``LORA_FUSED_TRITON_AUTOTUNE=0`` runs the first config of each list (no benchmarking, fewer compiles)."""
+    """``LORA_FUSED_TRITON_AUTOTUNE=0`` runs the first config (of those that fit the GPU's shared memory) of each
+    list: no benchmarking, fewer compiles."""
     return os.environ.get("LORA_FUSED_TRITON_AUTOTUNE", "1") not in ("0", "", "false", "False")
+
+
+# Opt-in shared memory per block by compute-capability major, when torch does not report it.
+_SMEM_FALLBACK = {9: 232448, 8: 166912}
+
+
+@functools.lru_cache(maxsize=None)
+def smem_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    reported = int(getattr(props, "shared_memory_per_block_optin", 0) or 0)
+    return reported or _SMEM_FALLBACK.get(props.major, 101376)
+
+
+def device_smem_limit(device: torch.device) -> int:
+    return smem_limit(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def pick_configs(configs, estimate, limit: int, elem: int, meta: dict, full: bool):
+    """The configs whose estimated shared memory (``estimate(meta+config, elem)``) fits ``limit`` (the smallest
+    one when none does); only the first of them when ``full`` is False."""
+    def need(c):
+        return estimate({**meta, **c.kwargs, "num_stages": c.num_stages}, elem)
+
+    fits = [c for c in configs if need(c) <= limit] or [min(configs, key=need)]
+    return fits if full else fits[:1]
 
 
 class tuned:
@@ -93,15 +119,26 @@ class tuned:
     ``configs`` maps ``"sm90"``, ``"sm80"`` and ``"interpret"`` to lists of ``triton.Config`` (first = the
     default when autotuning is off); the autotuner is built once per architecture, keyed on the shapes named
     in ``key`` (M enters as ``M_KEY``, its next power of two, so varying batch sizes do not re-tune each time).
-    ``kernel(device)[grid](*args, **kwargs)`` launches."""
+    ``smem(meta, elem_size)`` estimates a config's shared memory (pipelined tiles); configs that cannot fit the
+    device are pruned before any compile. ``kernel(device)[grid](*args, **kwargs)`` launches."""
 
-    def __init__(self, fn, configs: Dict[str, List["triton.Config"]], key: Sequence[str], reset_to_zero=None):
-        self.fn, self.configs, self.key, self.reset_to_zero = fn, configs, list(key), reset_to_zero
+    def __init__(self, fn, configs: Dict[str, List["triton.Config"]], key: Sequence[str], reset_to_zero=None,
+                 smem=None):
+        self.fn, self.configs, self.key, self.reset_to_zero, self.smem = fn, configs, list(key), reset_to_zero, smem
 
     @functools.lru_cache(maxsize=None)
     def _for(self, arch: str, full: bool):
-        configs = self.configs[arch] if full else self.configs[arch][:1]
-        return triton.autotune(configs=configs, key=self.key, reset_to_zero=self.reset_to_zero)(self.fn)
+        estimate = self.smem
+
+        def prune(configs, named_args, **kwargs):
+            if estimate is None:
+                return list(configs) if full else list(configs)[:1]
+            tensor = next(v for v in named_args.values() if torch.is_tensor(v))
+            limit = device_smem_limit(tensor.device)
+            return pick_configs(configs, estimate, limit, tensor.element_size(), {**named_args, **kwargs}, full)
+
+        return triton.autotune(configs=self.configs[arch], key=self.key, reset_to_zero=self.reset_to_zero,
+                               prune_configs_by={"early_config_prune": prune})(self.fn)
 
     def __call__(self, device: torch.device):
         return self._for(_arch_key(device), autotune_enabled())

@@ -66,11 +66,16 @@ def _lora_bwd_da_kernel(
     tl.atomic_add(da_ptr + offs, acc, mask=r_ok[:, None] & k_ok[None, :])
 
 
+def _smem(m, e):
+    return m["num_stages"] * (m["BLOCK_M"] * m["BLOCK_K"] + m["BLOCK_M"] * m["BLOCK_R"]) * e
+
+
 _KERNEL = tuned(
     _lora_bwd_da_kernel,
     {"sm90": DA_CONFIGS_SM90, "sm80": DA_CONFIGS_SM80, "interpret": DA_CONFIGS_INTERPRET},
     key=["M_KEY", "K", "TR", "HAS_DROPOUT"],
     reset_to_zero=["da_ptr"],
+    smem=_smem,
 )
 
 

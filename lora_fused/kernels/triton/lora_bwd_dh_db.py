@@ -12,11 +12,11 @@ from .lora_linear_fwd import slice_args
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M sets how many programs add into dB (M / BLOCK_M).
 DHDB_CONFIGS_SM90 = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 64, 4, 4), (128, 128, 8, 3), (64, 128, 4, 4), (64, 64, 4, 2)]
+    for bm, bn, w, s in [(128, 64, 4, 4), (128, 128, 8, 3), (64, 128, 4, 4), (32, 64, 4, 2)]
 ]
 DHDB_CONFIGS_SM80 = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 2)]
+    for bm, bn, w, s in [(128, 64, 4, 3), (64, 128, 4, 3), (32, 64, 4, 2)]
 ]
 DHDB_CONFIGS_INTERPRET = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32})]
 
@@ -84,11 +84,16 @@ def _lora_bwd_dh_db_kernel(
                     DO_DH, DO_DB, DOT_PREC, BLOCK_N, BLOCK_R, BLOCK_M)
 
 
+def _smem(m, e):
+    return (m["num_stages"] * (m["BLOCK_M"] * m["BLOCK_N"] + m["BLOCK_N"] * m["BLOCK_R"]) + m["BLOCK_M"] * m["BLOCK_R"]) * e
+
+
 _KERNEL = tuned(
     _lora_bwd_dh_db_kernel,
     {"sm90": DHDB_CONFIGS_SM90, "sm80": DHDB_CONFIGS_SM80, "interpret": DHDB_CONFIGS_INTERPRET},
     key=["M_KEY", "N_KEY", "R", "NUM_T", "DO_DH", "DO_DB"],
     reset_to_zero=["db_ptr"],
+    smem=_smem,
 )
 
 

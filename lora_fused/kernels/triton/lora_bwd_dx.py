@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot_precision, dropout_args, keep_tile, next_pow2, tuned
-from .lora_linear_fwd import GEMM_CONFIGS_INTERPRET, GEMM_CONFIGS_SM80, GEMM_CONFIGS_SM90, _grouped_tile
+from .lora_linear_fwd import GEMM_CONFIGS_INTERPRET, GEMM_CONFIGS_SM80, GEMM_CONFIGS_SM90, _grouped_tile, gemm_smem
 
 # dx is (M, K) with an N-deep reduction: the same GEMM shape class as the forward, so the same config lists
 # (BLOCK_N here is the reduction block, BLOCK_K the output-column block; both multiples of 8 as the RNG needs).
@@ -71,10 +71,15 @@ def _lora_bwd_dx_kernel(
     tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
 
 
+def _smem(m, e):
+    return gemm_smem(m, e, red="BLOCK_N", out="BLOCK_K")
+
+
 _KERNEL = tuned(
     _lora_bwd_dx_kernel,
     {"sm90": DX_CONFIGS_SM90, "sm80": DX_CONFIGS_SM80, "interpret": DX_CONFIGS_INTERPRET},
     key=["M_KEY", "N", "K", "TR", "HAS_DROPOUT"],
+    smem=_smem,
 )
 
 

@@ -64,10 +64,17 @@ def _lora_down_kernel(
     tl.store(h_ptr + h_offs, acc.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
 
 
+def _smem(m, e):
+    """Pipelined x and A tiles, plus scratch for the mask's layout change (measured ≤ BLOCK_M·BLOCK_K bytes)."""
+    rng = m["BLOCK_M"] * m["BLOCK_K"] * 4 if m.get("HAS_DROPOUT") else 0
+    return m["num_stages"] * (m["BLOCK_M"] * m["BLOCK_K"] + m["BLOCK_K"] * m["BLOCK_R"]) * e + rng
+
+
 _KERNEL = tuned(
     _lora_down_kernel,
     {"sm90": DOWN_CONFIGS_SM90, "sm80": DOWN_CONFIGS_SM80, "interpret": DOWN_CONFIGS_INTERPRET},
     key=["M_KEY", "K", "TR"],
+    smem=_smem,
 )
 
 

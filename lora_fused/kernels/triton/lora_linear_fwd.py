@@ -109,10 +109,17 @@ def _lora_linear_fwd_kernel(
     tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+def gemm_smem(m, e, red="BLOCK_K", out="BLOCK_N"):
+    """Pipelined operand tiles of the main loop plus the (unpipelined) low-rank tiles, in bytes."""
+    loop = m["num_stages"] * (m["BLOCK_M"] * m[red] + m[red] * m[out])
+    return (loop + m["BLOCK_M"] * m["BLOCK_R"] + m["BLOCK_R"] * m[out]) * e
+
+
 _KERNEL = tuned(
     _lora_linear_fwd_kernel,
     {"sm90": GEMM_CONFIGS_SM90, "sm80": GEMM_CONFIGS_SM80, "interpret": GEMM_CONFIGS_INTERPRET},
     key=["M_KEY", "N", "K", "R", "NUM_T"],
+    smem=gemm_smem,
 )
 
 
