@@ -219,9 +219,12 @@ def main(argv=None) -> int:
                     help="split: PEFT on q and v of split linears (same function); qkv: PEFT on the whole fused qkv")
     ap.add_argument("--backend", default=None, help="lora_fused backend (default auto)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--out", default=None, help="output directory (default benchmarks/results/train-<device>-<date>/)")
     args = ap.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or harness.best_device()
     is_cuda = torch.device(device).type == "cuda"
     batch = args.batch or (64 if is_cuda else 8)
