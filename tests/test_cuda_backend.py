@@ -9,6 +9,7 @@ mask is checked against an independent Python implementation of the documented P
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -159,13 +160,36 @@ def test_dropout_same_mask_forward_backward_and_reproducible():
     assert (dx[keep] != 0).float().mean() > 0.9
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_kept_fraction(p):
-    keep = _backend().keep_mask(_seed(7), 1024, 1024, p)
-    q = round(p * 65536) / 65536
-    assert abs(keep.float().mean().item() - (1 - q)) < 5e-3
-    # no structure along rows or columns
-    assert keep.float().mean(0).std().item() < 0.05 and keep.float().mean(1).std().item() < 0.05
+def test_seeds_differ_including_the_high_32_bits():
+    be = _backend()
+    a, c = be.keep_mask(_seed(2024), 40, 70, 0.3), be.keep_mask(_seed(2025), 40, 70, 0.3)
+    # two independent masks of rate 0.3 disagree on 2*0.3*0.7 = 42 % of the elements
+    assert 0.35 < (a != c).float().mean().item() < 0.49
+    high = be.keep_mask(_seed(2024 + 2**40), 40, 70, 0.3)
+    assert (a != high).float().mean().item() > 0.35
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_kept_fraction_within_statistical_bounds(p):
+    M, K = 96, 160
+    keep = _backend().keep_mask(_seed(99), M, K, p)
+    q = 1 - min(round(p * 65536), 65535) / 65536  # the quantized keep probability
+    sigma = math.sqrt(q * (1 - q) / (M * K))
+    assert abs(keep.float().mean().item() - q) < 5 * sigma
+    # each of the 8 decisions cut from one Philox output (lane = col % 8) has the right rate
+    for lane in range(8):
+        sub = keep[:, lane::8]
+        s = math.sqrt(q * (1 - q) / sub.numel())
+        assert abs(sub.float().mean().item() - q) < 5 * s, lane
+    assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 8])
+
+
+def test_neighbouring_decisions_are_uncorrelated():
+    keep = _backend().keep_mask(_seed(5), 64, 128, 0.5).float() - 0.5
+    n = keep[:, :-1].numel()
+    for a, b in ((keep[:, :-1], keep[:, 1:]), (keep[:-1], keep[1:])):
+        corr = (a * b).mean().item() / 0.25
+        assert abs(corr) < 5 / math.sqrt(n)
 
 
 def _philox_ref(c0, c1, k0, k1):
