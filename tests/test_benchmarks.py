@@ -179,3 +179,23 @@ def test_per_op_scripts_fix_their_op():
     assert bench_lora_linear.OP == "linear" and bench_lora_qkv.OP == "qkv"
     with pytest.raises(SystemExit):
         bench_lora_qkv.main(["--ops", "linear"])
+
+
+def test_train_vit_runs_and_curves_agree_at_p0(tmp_path):
+    """The training example on a tiny mini ViT: PEFT (split q/v) and lora_fused (LoRAQKV qv) are the same
+    function at p=0, so their losses agree to float rounding; outputs are written."""
+    pytest.importorskip("peft")
+    from benchmarks import train_vit
+
+    out = tmp_path / "train"
+    rc = train_vit.main(["--device", "cpu", "--model", "mini", "--image-size", "32", "--batch", "2", "--steps", "3",
+                         "--rank", "4", "--out", str(out)])
+    assert rc == 0
+    for name in ("train_vit.json", "train_vit.png", "train_vit.md"):
+        assert (out / name).is_file()
+    data = json.loads((out / "train_vit.json").read_text())
+    assert data["max_abs_loss_diff"] < 1e-4
+    assert len(data["losses"]["lora_fused"]) == len(data["losses"]["peft"]) == 3
+    s = data["summary"]
+    assert s["lora_fused"]["trainable_params"] == s["peft"]["trainable_params"]
+    assert s["lora_fused"]["saved_bytes"] > 0 and s["lora_fused"]["peak_bytes"] is None
