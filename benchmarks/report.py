@@ -81,6 +81,12 @@ def markdown(rows: Sequence[Dict], meta: Dict) -> str:
         if meta.get("notes"):
             lines.append("")
     show_peak = any(r.get("peak_bytes") not in (None, "") for r in rows)
+    summary = headline(rows)
+    if summary:
+        lines.append("Summary (fwd+bwd at the largest p):")
+        lines.append("")
+        lines += [f"- {s}" for s in summary]
+        lines.append("")
     for (op, shape, mode), rs in groups(rows).items():
         r0 = rs[0]
         lines.append(f"### {op} · {shape} ({r0['M']}x{r0['K']}->{r0['N']}) · {mode}")
