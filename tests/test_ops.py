@@ -175,3 +175,14 @@ def test_info_runs(capsys):
     info.main()
     out = capsys.readouterr().out
     assert "torch" in out and "backends" in out and "CUDA extension" in out
+
+
+def test_import_is_light():
+    """``import lora_fused`` imports neither Triton, Dynamo, PEFT nor transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lora_fused; bad = [m for m in ('triton', 'torch._dynamo', 'peft', 'transformers') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

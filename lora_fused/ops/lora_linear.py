@@ -126,10 +126,12 @@ _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 _RANK_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads rank ids over the seed space
 
 
-@torch.compiler.assume_constant_result
 def _distributed_rank() -> int:
     dist = torch.distributed
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+_distributed_rank._dynamo_marked_constant = True  # type: ignore[attr-defined]  (see backends.requested_backend)
 
 
 def draw_seed(x: Tensor) -> Tensor:
