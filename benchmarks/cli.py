@@ -200,8 +200,12 @@ def write_outputs(rows: List[Dict], cfg: Dict, command: str, plots: bool = True,
         f.write(report.markdown(full, meta))
     if plots:
         title = f"{env['device_name']} · {env['dtype']} · r={cfg['r']} · commit {env['commit']}"
-        report.plot(full, out, title)
-    else:
+        try:
+            report.plot(full, out, title)
+        except ImportError as exc:
+            print(f"note: no PNG plots ({exc}; pip install matplotlib)")
+            plots = False
+    if not plots:
         paths.pop("time_png")
         paths.pop("mem_png")
     if not info:

@@ -351,7 +351,10 @@ def main(argv=None) -> int:
                 " (not expected to be small: different dropout masks or a different function)"))
     with open(os.path.join(out, "train_vit.json"), "w") as f:
         json.dump(result, f, indent=1)
-    _plot(result, os.path.join(out, "train_vit.png"))
+    try:
+        _plot(result, os.path.join(out, "train_vit.png"))
+    except ImportError as exc:
+        print(f"note: no PNG plot ({exc}; pip install matplotlib)")
     with open(os.path.join(out, "train_vit.md"), "w") as f:
         f.write(f"{result['meta']['command']}\n\n{base_kind}, {env['device_name']}, {precision}, batch {batch}, "
                 f"{args.image_size}px, r={args.rank}, p={args.dropout:g}, PEFT mode {args.peft_mode}, commit {env['commit']}\n\n"
