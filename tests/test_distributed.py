@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from lora_fused import LoRALinear, LoRAQKV, lora_state_dict
+from lora_fused import LoRALinear, LoRAQKV, load_lora, lora_state_dict, save_lora
 
 WORLD = 2
 
@@ -71,6 +71,7 @@ def _worker(rank, init_file, out_dir, mode):
             result["losses"] = losses
             result["full"] = {n: p.full_tensor().detach() for n, p in net.named_parameters() if p.requires_grad}
             result["lora_sd"] = lora_state_dict(net)
+            save_lora(net, os.path.join(out_dir, "fsdp.safetensors"))  # every rank calls it; rank 0 writes
             result["frozen_sharded"] = not net.qkv.weight.requires_grad and hasattr(net.qkv.weight, "full_tensor")
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -133,3 +134,7 @@ def test_fsdp2_shards_and_trains(tmp_path):
         for key, value in expected_sd.items():
             assert not hasattr(res["lora_sd"][key], "full_tensor")
             torch.testing.assert_close(res["lora_sd"][key], value, msg=key)
+    fresh = _Net(p=0.0)
+    load_lora(fresh, tmp_path / "fsdp.safetensors")
+    for key, value in lora_state_dict(fresh).items():
+        torch.testing.assert_close(value, expected_sd[key], msg=key)

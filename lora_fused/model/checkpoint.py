@@ -17,7 +17,7 @@ from .._errors import LoRAShapeError
 from .._version import __version__
 from ..modules import LoRABase
 from ._common import KINDS, build_lora, lora_modules, module_config, set_submodule
-from .trainable import LoadResult, load_lora_state_dict, lora_state_dict
+from .trainable import LoadResult, is_sharded, load_lora_state_dict, lora_state_dict
 
 FORMAT_TAG = "lora_fused.adapters/1"
 META_FORMAT, META_VERSION, META_MODULES, META_SHA = (
@@ -163,11 +163,17 @@ def save_lora(model: nn.Module, path, *, format: str = "safetensors") -> None:
     ``PeftModel.from_pretrained`` loads (see :func:`lora_fused.model.peft_format.save_peft`).
     Every file is written atomically (temp file, fsync, rename). Raises ``ValueError`` when the model has no
     adapters or for an unknown format.
+
+    Sharded adapters (FSDP2) are gathered first, a collective: call ``save_lora`` on every rank; rank 0 writes.
     """
     path = os.fspath(path)
     modules = list(lora_modules(model))
     if not modules:
         raise ValueError("save_lora: the model has no lora_fused adapters (call inject_lora first)")
+    sharded = is_sharded(model)
+    if sharded and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        lora_state_dict(model)  # take part in the gathers rank 0 makes, write nothing
+        return
     if format == "peft":
         from .peft_format import save_peft
 

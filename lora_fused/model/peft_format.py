@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from ..modules import LoRAQKV
 from ._common import lora_modules, module_config
+from .trainable import gathered
 from .checkpoint import (
     META_MODULES, atomic_write_bytes, read_safetensors, scaling_of, to_cpu, validate_configs,
 )
@@ -47,7 +48,7 @@ def _slices(module: LoRAQKV):
 
 def block_B(module: LoRAQKV) -> torch.Tensor:
     """PEFT's ``B`` (out_features, T·r) of a LoRAQKV: ``B_t`` on its rows and its rank block, zeros elsewhere."""
-    r, B = module.r, module.lora_B.detach()
+    r, B = module.r, gathered(module.lora_B)
     out = B.new_zeros(module.out_features, len(module.targets) * r)
     b_off = 0
     for i, (off, n) in enumerate(_slices(module)):
@@ -75,8 +76,8 @@ def save_peft(model: nn.Module, directory: str) -> None:
     tensors, ranks, alphas, configs = {}, {}, {}, []
     for name, m in modules:
         t = len(m.targets) if isinstance(m, LoRAQKV) else 1
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = block_B(m) if isinstance(m, LoRAQKV) else m.lora_B.detach()
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = gathered(m.lora_A)
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = block_B(m) if isinstance(m, LoRAQKV) else gathered(m.lora_B)
         ranks[name] = t * m.r
         alpha = m.lora_alpha
         if t > 1:  # keep the scaling: alpha'/(t·r) == alpha/r, alpha'/sqrt(t·r) == alpha/sqrt(r)

@@ -58,6 +58,18 @@ def lora_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
             yield getattr(module, attr)
 
 
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` detached; a sharded one (FSDP2 / DTensor) gathered into the full tensor (a collective:
+    every rank must call it)."""
+    tensor = tensor.detach()
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether the adapters are sharded (FSDP2 / DTensor)."""
+    return any(hasattr(p, "full_tensor") for p in lora_parameters(model))
+
+
 def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """``{"<module path>.lora_A": tensor, "<module path>.lora_B": tensor, …}``: the adapter tensors only
     (detached, sharing storage with the model like ``state_dict()``). Under FSDP2 the shards are gathered into
@@ -66,10 +78,7 @@ def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     out = {}
     for name, module in lora_modules(model):
         for attr in _ADAPTER_ATTRS:
-            tensor = getattr(module, attr).detach()
-            if hasattr(tensor, "full_tensor"):  # sharded (FSDP2 / DTensor): gather the full adapter (a collective)
-                tensor = tensor.full_tensor()
-            out[f"{name}.{attr}"] = tensor
+            out[f"{name}.{attr}"] = gathered(getattr(module, attr))
     return out
 
 
