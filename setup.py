@@ -91,6 +91,7 @@ setup(
             "transformers>=4.40",
             "timm>=1.0",
             "triton>=3.0",
+            "matplotlib>=3.5",
         ],
         "bench": ["matplotlib>=3.5", "tqdm>=4", "peft>=0.10", "pytest-benchmark>=4", "triton>=3.0"],
         "build": ["pybind11>=2.10", "ninja>=1.10"],

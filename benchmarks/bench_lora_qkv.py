@@ -28,11 +28,7 @@ def run_qkv(shape, **kwargs):
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a == "--ops" or a.startswith("--ops=") for a in argv):
-        raise SystemExit(f"{os.path.basename(__file__)} runs --ops {OP} only")
-    return cli.main(["--ops", OP] + argv)
-
+    return cli.main_for_op(OP, __file__, argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())

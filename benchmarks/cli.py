@@ -257,3 +257,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def main_for_op(op: str, script: str, argv: Optional[Sequence[str]] = None) -> int:
+    """``main`` with ``--ops`` fixed to ``op`` (the per-op scripts ``bench_lora_<op>.py``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--ops" or a.startswith("--ops=") for a in argv):
+        raise SystemExit(f"{os.path.basename(script)} runs --ops {op} only")
+    return main(["--ops", op] + argv)

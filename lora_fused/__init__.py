@@ -8,6 +8,7 @@ from ._version import __version__
 from ._cuda_ext import CUDA_EXT_AVAILABLE
 from ._errors import BackendUnavailableError, LoRADtypeError, LoRAShapeError
 from .backends import available_backends, get_backend, set_backend, use_backend
+from . import model as _model
 from . import ops
 from .modules import LoRABase, LoRALinear, LoRAQKV
 from .model import (
@@ -40,17 +41,4 @@ __all__ = [
     "LoRABase",
     "LoRALinear",
     "LoRAQKV",
-    "inject_lora",
-    "mark_only_lora_as_trainable",
-    "lora_parameters",
-    "lora_state_dict",
-    "load_lora_state_dict",
-    "save_lora",
-    "load_lora",
-    "merge_lora",
-    "lora_summary",
-    "LoRASummary",
-    "LoRAModuleInfo",
-    "LoadResult",
-    "from_peft",
-]
+] + _model.__all__
