@@ -85,3 +85,29 @@ def saved_tensor_bytes(fn, exclude=()):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return sum(seen.values()), out
+
+
+def assert_keep_statistics(keep: torch.Tensor, p: float, lanes: int = 8) -> None:
+    """A keep mask of a Philox backend (8 16-bit decisions per draw, ``lane = col % lanes``): the kept fraction of
+    the whole mask and of every lane is within 5σ of the quantized keep probability, and rows/columns differ."""
+    import math
+
+    from lora_fused.kernels.reference.dropout import keep_threshold_u16
+
+    q = 1 - keep_threshold_u16(p) / 65536  # the quantized keep probability (|q - (1-p)| ≤ 7.7e-6)
+    assert abs(q - (1 - p)) < 1e-5
+    for sub in [keep] + [keep[:, lane::lanes] for lane in range(lanes)]:
+        sigma = math.sqrt(q * (1 - q) / sub.numel())
+        assert abs(sub.float().mean().item() - q) < 5 * sigma
+    # rows and columns are not all alike (the counter uses both coordinates)
+    assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, lanes])
+
+
+def assert_neighbours_uncorrelated(keep: torch.Tensor) -> None:
+    """Horizontally and vertically adjacent decisions of a p=0.5 mask are uncorrelated (within 5σ)."""
+    import math
+
+    centred = keep.float() - 0.5
+    n = centred[:, :-1].numel()
+    for a, b in ((centred[:, :-1], centred[:, 1:]), (centred[:-1], centred[1:])):
+        assert abs((a * b).mean().item() / 0.25) < 5 / math.sqrt(n)

@@ -9,7 +9,6 @@ mask is checked against an independent Python implementation of the documented P
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -19,7 +18,7 @@ import lora_fused
 from lora_fused import LoRALinear, LoRAQKV
 from lora_fused.backends import unavailable_reason
 
-from conftest import TOLERANCES, assert_close_dtype, naive_lora
+from conftest import TOLERANCES, assert_close_dtype, assert_keep_statistics, assert_neighbours_uncorrelated, naive_lora
 
 # DEVICE is "cuda"; csrc/tools/dry_run_gpu_tests.py sets it to "cpu" with a Python stand-in for the extension to
 # check this file's own logic on a machine without a GPU (it says nothing about the kernels).
@@ -61,7 +60,6 @@ def _reference(x, W, b, A, B, s, p, keep, slices, g):
     xs = [t.detach().double().requires_grad_() if t is not None else None for t in (x, W, b, A, B)]
     y = naive_lora(*xs, s, keep=keep, p=p, lora_slices=slices)
     y.backward(g.double())
-    r = B.shape[1]
     xd = xs[0].detach() if keep is None else xs[0].detach() * keep.double() / (1 - p)
     h = xd @ xs[3].detach().t()
     return y.detach(), h, [t.grad if t is not None else None for t in xs]
@@ -173,23 +171,12 @@ def test_seeds_differ_including_the_high_32_bits():
 def test_kept_fraction_within_statistical_bounds(p):
     M, K = 96, 160
     keep = _backend().keep_mask(_seed(99), M, K, p)
-    q = 1 - min(round(p * 65536), 65535) / 65536  # the quantized keep probability
-    sigma = math.sqrt(q * (1 - q) / (M * K))
-    assert abs(keep.float().mean().item() - q) < 5 * sigma
-    # each of the 8 decisions cut from one Philox output (lane = col % 8) has the right rate
-    for lane in range(8):
-        sub = keep[:, lane::8]
-        s = math.sqrt(q * (1 - q) / sub.numel())
-        assert abs(sub.float().mean().item() - q) < 5 * s, lane
-    assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 8])
+    assert_keep_statistics(keep, p)
 
 
 def test_neighbouring_decisions_are_uncorrelated():
-    keep = _backend().keep_mask(_seed(5), 64, 128, 0.5).float() - 0.5
-    n = keep[:, :-1].numel()
-    for a, b in ((keep[:, :-1], keep[:, 1:]), (keep[:-1], keep[1:])):
-        corr = (a * b).mean().item() / 0.25
-        assert abs(corr) < 5 / math.sqrt(n)
+    keep = _backend().keep_mask(_seed(5), 64, 128, 0.5)
+    assert_neighbours_uncorrelated(keep)
 
 
 def _philox_ref(c0, c1, k0, k1):

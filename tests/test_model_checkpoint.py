@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 import torch
-import torch.nn as nn
+
 
 import lora_fused as lf
 from lora_fused import LoRALinear, LoRAQKV

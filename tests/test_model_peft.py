@@ -9,11 +9,10 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_fused as lf
-from lora_fused import LoRALinear, LoRAQKV
+from lora_fused import LoRAQKV
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

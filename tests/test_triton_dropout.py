@@ -1,11 +1,12 @@
 """The Triton kernels' in-kernel dropout: one mask per seed, shared by forward and backward, statistically sound."""
 
-import math
 
 import pytest
 import torch
 
 from lora_fused.ops.lora_linear import _lora_linear_op
+
+from conftest import assert_keep_statistics, assert_neighbours_uncorrelated
 
 pytest.importorskip("triton")
 import triton  # noqa: E402
@@ -33,26 +34,12 @@ def test_reproducible_per_seed_and_seeds_differ():
 def test_kept_fraction_within_statistical_bounds(p):
     M, K = 96, 160
     keep = triton_dropout_keep_mask(99, M, K, p)
-    q = 1 - keep_threshold_u16(p) / 65536  # the quantized keep probability (|q - (1-p)| ≤ 7.7e-6)
-    assert abs(q - (1 - p)) < 1e-5
-    n = M * K
-    sigma = math.sqrt(q * (1 - q) / n)
-    assert abs(keep.float().mean().item() - q) < 5 * sigma
-    # every one of the 8 decisions drawn from one Philox output (lane = col % 8) has the right rate
-    for lane in range(8):
-        sub = keep[:, lane::8]
-        s = math.sqrt(q * (1 - q) / sub.numel())
-        assert abs(sub.float().mean().item() - q) < 5 * s, lane
-    # rows and columns are not all alike (the counter uses both coordinates)
-    assert not torch.equal(keep[0], keep[1]) and not torch.equal(keep[:, 0], keep[:, 8])
+    assert_keep_statistics(keep, p)
 
 
 def test_neighbouring_decisions_are_uncorrelated():
-    keep = triton_dropout_keep_mask(5, 64, 128, 0.5).float() - 0.5
-    n = keep[:, :-1].numel()
-    for a, b in ((keep[:, :-1], keep[:, 1:]), (keep[:-1], keep[1:])):
-        corr = (a * b).mean().item() / 0.25
-        assert abs(corr) < 5 / math.sqrt(n)
+    keep = triton_dropout_keep_mask(5, 64, 128, 0.5)
+    assert_neighbours_uncorrelated(keep)
 
 
 def test_mask_is_a_function_of_position_not_of_tiling():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import List, Optional
+from typing import List
 
 import torch
 import torch.nn as nn
