@@ -246,8 +246,10 @@ def test_training_with_dropout_through_the_module_is_reproducible():
     assert torch.equal(ys[0], ys[1])
 
 
-def test_auto_picks_cuda_for_half_and_rejects_float32():
+def test_auto_picks_cuda_for_half_and_rejects_float32(monkeypatch):
     be = _backend()
+    # "auto" picks CUDA only after opting in (LORA_FUSED_CUDA_AUTO=1) until the kernels are validated on a GPU
+    monkeypatch.setattr(type(be), "auto_device_types", (DEVICE,))
     x, W, b, A, B = _tensors(8, 32, 16, 4, torch.float32)
     reason = be.reject_reason(x, W, A, B)
     assert reason is not None and "float16 and bfloat16" in reason

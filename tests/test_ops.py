@@ -1,5 +1,7 @@
 """The registered ops: opcheck, torch.compile(fullgraph=True), saved-for-backward bytes, backend errors."""
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -186,3 +188,10 @@ def test_import_is_light():
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_auto_does_not_pick_the_unvalidated_cuda_backend_by_default():
+    from lora_fused.backends import get_backend_impl
+
+    expected = ("cuda",) if os.environ.get("LORA_FUSED_CUDA_AUTO") == "1" else ()
+    assert get_backend_impl("cuda").auto_device_types == expected
