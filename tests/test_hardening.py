@@ -108,3 +108,20 @@ def test_nan_and_inf_propagate_like_nn_linear(p):
     assert torch.equal(torch.isnan(y[0]), torch.isnan(base[0])) and torch.isnan(y[0]).all()
     assert not torch.isfinite(y[2]).all()
     assert torch.isfinite(y[1]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_cuda_like_nn_linear(dtype):
+    torch.manual_seed(0)
+    m = LoRAQKV(64, 192, r=8, targets="qv", lora_dropout=0.1).cuda()
+    nn.init.normal_(m.lora_B, std=0.1)
+    lin = nn.Linear(64, 192).cuda()
+    x = torch.randn(4, 10, 64, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=dtype):
+        y = m.eval()(x)
+        assert y.dtype == lin(x).dtype == dtype
+        m.train()(x).float().sum().backward()
+    assert x.grad.dtype == torch.float32 and m.lora_A.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), m.eval()(x).detach(), atol=5e-2, rtol=5e-2)
