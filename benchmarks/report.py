@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 # Every result row has exactly these keys, in this order (CSV header and JSON row keys).
 ENV_COLUMNS = ["device", "device_name", "dtype", "torch", "triton", "peft", "lora_fused", "commit", "date", "threads"]
@@ -165,13 +165,7 @@ def plot(rows: Sequence[Dict], out_dir: str, title: str = "") -> List[str]:
         ax.axhline(1.0, color="black", lw=1, ls="--")
         ax.set_ylabel("time / floor (frozen nn.Linear)")
         ax.set_title(f"{mode}: time relative to the floor (lower is better)")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = os.path.join(out_dir, FILES["time_png"])
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save_figure(plt, fig, title, os.path.join(out_dir, FILES["time_png"])))
 
     train = [r for r in rows if r["mode"] == "fwd+bwd"]
     has_peak = any(r.get("peak_bytes") not in (None, "") for r in train)
@@ -184,18 +178,22 @@ def plot(rows: Sequence[Dict], out_dir: str, title: str = "") -> List[str]:
         _grouped_bars(axes[0][1], train, "peak_bytes", lambda v: v / 2**20)
         axes[0][1].set_ylabel("MiB, peak allocated in fwd+bwd")
         axes[0][1].set_title("fwd+bwd: CUDA peak allocated memory")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = os.path.join(out_dir, FILES["mem_png"])
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save_figure(plt, fig, title, os.path.join(out_dir, FILES["mem_png"])))
     return written
 
 
 _COLORS = {"floor": "0.6", "plain": "C0", "peft": "C1", "lora_fused[torch]": "C2", "lora_fused[triton]": "C3",
            "lora_fused[cuda]": "C4"}
+
+
+def _save_figure(plt, fig, title, path):
+    """Title, lay out, write ``path`` and close ``fig``; returns ``path``."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _grouped_bars(ax, rows: Sequence[Dict], key: str, tf) -> None:
