@@ -15,9 +15,10 @@ decisions. ``p`` is quantized to a multiple of 1/65536 (|error| ≤ 7.7e-6); kep
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import triton
@@ -25,7 +26,8 @@ import triton.language as tl
 
 from ..reference.dropout import dropout_scale, keep_threshold_u16
 
-__all__ = ["keep_tile", "interpreting", "dot_precision", "dropout_args", "tuned", "next_pow2"]
+__all__ = ["keep_tile", "interpreting", "dot_precision", "dropout_args", "tuned", "next_pow2", "sm_count",
+           "scratch_allocator", "deterministic"]
 
 
 def interpreting() -> bool:
@@ -37,11 +39,29 @@ def next_pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(1, int(n))))
 
 
+def tf32_allowed() -> bool:
+    """Whether PyTorch lets fp32 matmuls use TF32. Reads the ``fp32_precision`` API (torch ≥ 2.9; ``"none"`` inherits
+    the global ``torch.backends.fp32_precision``, whose default means IEEE); the legacy ``allow_tf32`` flag only on
+    an older torch, because reading it raises once the new API was used."""
+    matmul = torch.backends.cuda.matmul
+    prec = getattr(matmul, "fp32_precision", None)
+    if prec is None:
+        return bool(matmul.allow_tf32)
+    if prec == "none":
+        prec = getattr(torch.backends, "fp32_precision", "none")
+    return prec == "tf32"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: fp32 uses tf32 only where PyTorch allows it; fp16/bf16 accumulate in fp32."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not tf32_allowed():
         return "ieee"
     return "tf32"
+
+
+def deterministic() -> bool:
+    """dA/dB reductions without float atomics (bitwise reproducible) when PyTorch asks for determinism."""
+    return torch.are_deterministic_algorithms_enabled()
 
 
 def dropout_args(dropout_p: float, seed, fallback: torch.Tensor):
@@ -75,11 +95,106 @@ def keep_tile(seed, rows, k0, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.cons
     return u16 >= threshold
 
 
+# Ahead-of-time capture (``aot_check``): launchers run on meta tensors as if on a GPU of ``arch`` and record their
+# launches instead of running them, so the compile check sees exactly the arguments the JIT would.
+_AOT: Optional[dict] = None
+
+
+@contextlib.contextmanager
+def aot_capture(arch: int, sms: int, smem: int):
+    """Within the block, ``tuned`` kernels record ``(tuned, grid, args, kwargs)`` into the yielded list."""
+    global _AOT
+    saved, _AOT = _AOT, {"arch": arch, "sms": sms, "smem": smem, "launches": []}
+    try:
+        yield _AOT["launches"]
+    finally:
+        _AOT = saved
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> str:
+    major, _ = torch.cuda.get_device_capability(index)
+    return "sm90" if major >= 9 else "sm80"
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _arch_key(device: torch.device) -> str:
+    if _AOT is not None:
+        return "sm90" if _AOT["arch"] >= 90 else "sm80"
     if interpreting() or device.type != "cuda":
         return "interpret"
-    major, _ = torch.cuda.get_device_capability(device)
-    return "sm90" if major >= 9 else "sm80"
+    return _cuda_arch(_index(device))
+
+
+def tma_env_enabled() -> bool:
+    """``LORA_FUSED_TRITON_TMA=0`` forces the pointer-based kernels (for comparisons and tests)."""
+    return os.environ.get("LORA_FUSED_TRITON_TMA", "1") not in ("0", "", "false", "False")
+
+
+def tma_ok(device: torch.device, out_cols: int, *tensors) -> bool:
+    """Whether the persistent TMA kernels can run: sm_90+ (or the interpreter, which runs tensor descriptors),
+    every input a descriptor covers 2-D with unit inner stride and 16-byte aligned base and row stride, and the
+    contiguous output's rows (``out_cols`` elements of the inputs' dtype) 16-byte aligned."""
+    if not tma_env_enabled() or _arch_key(device) == "sm80":
+        return False
+    if (out_cols * tensors[0].element_size()) % 16:
+        return False
+    for t in tensors:
+        e = t.element_size()
+        if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * e) % 16 or t.data_ptr() % 16:
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# Programs of a persistent kernel under the interpreter: more than one, so the tests exercise the tile striding
+# and both branches of the producer/consumer handshake (the interpreter runs programs one after another).
+INTERPRET_PROGRAMS = 3
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (cached per device): the grid of the persistent kernels."""
+    if _AOT is not None:
+        return _AOT["sms"]
+    if interpreting() or device.type != "cuda":
+        return INTERPRET_PROGRAMS
+    return _cuda_sm_count(_index(device))
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def scratch_allocator():
+    """Device-side tensor descriptors need a global scratch buffer at launch (``triton.set_allocator``). Installs a
+    torch-backed allocator for the launch only when none is set, so a user's allocator is never replaced; returns a
+    context manager."""
+    from triton.runtime import _allocation
+
+    var = getattr(_allocation, "_allocator", None)
+    if var is None or not isinstance(var.get(), _allocation.NullAllocator):
+        return contextlib.nullcontext()
+    return _AllocatorScope(var)
+
+
+class _AllocatorScope:
+    __slots__ = ("var", "token")
+
+    def __init__(self, var):
+        self.var = var
+
+    def __enter__(self):
+        self.token = self.var.set(_scratch)
+
+    def __exit__(self, *exc):
+        self.var.reset(self.token)
 
 
 def autotune_enabled() -> bool:
@@ -100,7 +215,9 @@ def smem_limit(index: int) -> int:
 
 
 def device_smem_limit(device: torch.device) -> int:
-    return smem_limit(device.index if device.index is not None else torch.cuda.current_device())
+    if _AOT is not None:
+        return _AOT["smem"]
+    return smem_limit(_index(device))
 
 
 def pick_configs(configs, estimate, limit: int, elem: int, meta: dict, full: bool):
@@ -141,4 +258,55 @@ class tuned:
                                prune_configs_by={"early_config_prune": prune})(self.fn)
 
     def __call__(self, device: torch.device):
+        if _AOT is not None:
+            return _Recorder(self, _AOT["launches"])
         return self._for(_arch_key(device), autotune_enabled())
+
+
+class _Recorder:
+    """Stands for the autotuner during ``aot_capture``: ``rec[grid](*args, **kwargs)`` records the launch."""
+
+    def __init__(self, kernel: "tuned", launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.kernel, grid, args, kwargs))
+
+
+@triton.jit
+def producer_first_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)`` of work item ``tile`` of a persistent kernel over a (num_m × num_n) tile grid.
+
+    Items ``0 … num_m-1`` are the producer tiles ``(m, 0)``: they also compute the row block's low-rank vector
+    (``h`` forward, ``dh'`` backward) and publish it. The other items follow in GROUP_M-row swizzled order (L2
+    reuse of the column operand). Producers come first, so with ≥ num_m programs their consumers usually find
+    the vector ready; a consumer that does not recomputes it (never waits), so no schedule can deadlock."""
+    if tile < num_m:
+        pid_m = tile
+        pid_n = tile * 0
+    else:
+        u = tile - num_m
+        per_group = GROUP_M * (num_n - 1)
+        first_m = (u // per_group) * GROUP_M
+        group_rows = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (u % per_group) % group_rows
+        pid_n = 1 + (u % per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def lora_b_tile(b_ptr, stride_bn, stride_br, ns, R, TR, off0, n0, boff0, off1, n1, boff1, off2, n2, boff2,
+                BLOCK_R: tl.constexpr):
+    """``[len(ns), BLOCK_R]`` rows ``ns`` of the block-sparse ``B_exp`` (N × T·r): ``B_exp[n, t·r + j] =
+    B[boff_t + n - off_t, j]`` where output column n lies in target t's slice ``[off_t, off_t + n_t)``, else 0.
+    ``h B_expᵀ`` is every target's ``h_t B_tᵀ`` in its own columns; ``g B_exp`` is every ``dh_t`` at once."""
+    c = tl.arange(0, BLOCK_R)
+    t = c // R
+    j = c - t * R
+    off = tl.where(t == 0, off0, tl.where(t == 1, off1, off2))
+    cnt = tl.where(t == 0, n0, tl.where(t == 1, n1, n2))
+    boff = tl.where(t == 0, boff0, tl.where(t == 1, boff1, boff2))
+    inside = (ns[:, None] >= off[None, :]) & (ns[:, None] < (off + cnt)[None, :]) & (c < TR)[None, :]
+    brow = boff[None, :] + ns[:, None] - off[None, :]
+    ptrs = b_ptr + brow.to(tl.int64) * stride_bn + j[None, :].to(tl.int64) * stride_br
+    return tl.load(ptrs, mask=inside, other=0.0), brow, j, inside

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, dropout_args, interpreting, keep_tile, next_pow2, tuned
+from ._common import dot_precision, dropout_args, interpreting, keep_tile, next_pow2, sm_count, tuned
 
 # (BLOCK_M, BLOCK_K, num_warps, num_stages). The M reduction is split across programs (see ``lora_bwd_da``).
 DA_CONFIGS_SM90 = [
@@ -28,14 +26,15 @@ def _lora_bwd_da_kernel(
     M, K, TR, M_KEY,
     stride_xm, stride_xk, stride_dm, stride_dr,
     threshold,
-    HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """dA[j, k] += Σ_{m in this split} dh'[m, j] · keep[m, k] · x[m, k]       (dh' = s/(1-p) · g B)
 
     Shapes: x (M, K), dh' (M, T·r), dA (T·r, K) fp32, zero-initialised. Grid: (cdiv(K, BLOCK_K),
-    cdiv(T·r, BLOCK_R), SPLIT); split s reduces M-tiles s, s+SPLIT, … and adds its partial atomically (SPLIT
-    adds per element; a single store-like add when SPLIT == 1). The dropped x is formed in registers.
+    cdiv(T·r, BLOCK_R), SPLIT); split s reduces M-tiles s, s+SPLIT, … and adds its partial with a relaxed
+    atomic (SPLIT adds per element), or (DETERMINISTIC) stores it as partial s of (SPLIT, T·r, K) for a
+    fixed-order sum. The dropped x is formed in registers.
     Global-memory passes: x once per R-block (once when T·r ≤ 128), dh' once per K-tile (small, L2-resident);
     g and W are not touched.
     """
@@ -54,7 +53,7 @@ def _lora_bwd_da_kernel(
         rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         r64 = rows.to(tl.int64)[:, None]
-        xv = tl.load(x_ptr + r64 * stride_xm + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :],
+        xv = tl.load(x_ptr + r64 * stride_xm + ks.to(tl.int64)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :],
                      other=0.0)
         if HAS_DROPOUT:
             keep = keep_tile(seed, rows, pid_k * BLOCK_K, threshold, BLOCK_M, BLOCK_K)
@@ -63,7 +62,11 @@ def _lora_bwd_da_kernel(
                      other=0.0)
         acc = tl.dot(tl.trans(dv), xv, acc, input_precision=DOT_PREC)
     offs = rr.to(tl.int64)[:, None] * K + ks[None, :]
-    tl.atomic_add(da_ptr + offs, acc, mask=r_ok[:, None] & k_ok[None, :])
+    if DETERMINISTIC:  # this split's partial, summed in a fixed order afterwards
+        offs += pid_s.to(tl.int64) * TR * K
+        tl.store(da_ptr + offs, acc, mask=r_ok[:, None] & k_ok[None, :])
+    else:  # relaxed: no fence per add
+        tl.atomic_add(da_ptr + offs, acc, mask=r_ok[:, None] & k_ok[None, :], sem="relaxed")
 
 
 def _smem(m, e):
@@ -73,38 +76,44 @@ def _smem(m, e):
 _KERNEL = tuned(
     _lora_bwd_da_kernel,
     {"sm90": DA_CONFIGS_SM90, "sm80": DA_CONFIGS_SM80, "interpret": DA_CONFIGS_INTERPRET},
-    key=["M_KEY", "K", "TR", "HAS_DROPOUT"],
+    key=["M_KEY", "K", "TR", "HAS_DROPOUT", "DETERMINISTIC", "DOT_PREC"],
     reset_to_zero=["da_ptr"],
     smem=_smem,
 )
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _num_splits(M: int, K: int, block_m: int, block_k: int, n_r: int, device: torch.device) -> int:
     """Split the M reduction so the grid fills the GPU (≈ 4 programs per SM) with ≥ 4 M-tiles per split.
-    In the interpreter: up to 4 programs with ≥ 1 M-tile each, so the tests exercise the atomic split path."""
+    In the interpreter: up to 4 programs with ≥ 1 M-tile each, so the tests exercise the split path."""
     m_tiles = triton.cdiv(M, block_m)
     base = triton.cdiv(K, block_k) * n_r
     if interpreting() or device.type != "cuda":
         return max(1, min(m_tiles, triton.cdiv(4, base)))
-    target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    target = 4 * sm_count(device)
     return max(1, min(triton.cdiv(m_tiles, 4), triton.cdiv(target, base)))
 
 
-def lora_bwd_da(x, dh, dropout_p: float, seed) -> torch.Tensor:
-    """``dA = dh'ᵀ (keep ∘ x)`` as fp32 (T·r, K); x (M, K), dh' (M, T·r) already scaled by s/(1-p)."""
+# Upper bound of the splits (the partial buffer of the deterministic path is allocated before the config is known).
+def _max_splits(M: int, K: int, n_r: int, device: torch.device) -> int:
+    configs = _KERNEL.configs["interpret" if interpreting() or device.type != "cuda" else "sm90"]
+    return max(_num_splits(M, K, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], n_r, device)
+               for c in configs + DA_CONFIGS_SM80)
+
+
+def lora_bwd_da(x, dh, dropout_p: float, seed, deterministic: bool = False) -> torch.Tensor:
+    """``dA = dh'ᵀ (keep ∘ x)`` as fp32 (T·r, K); x (M, K), dh' (M, T·r) already scaled by s/(1-p).
+    With ``deterministic``, per-split partials and a fixed-order sum instead of float atomics."""
     M, K = x.shape
     TR = dh.shape[1]
-    da = torch.zeros(TR, K, dtype=torch.float32, device=x.device)
     if M == 0 or K == 0 or TR == 0:
-        return da
+        return torch.zeros(TR, K, dtype=torch.float32, device=x.device)
     seed_t, threshold, _, has_drop = dropout_args(dropout_p, seed, x)
     block_r = min(128, next_pow2(TR))
     n_r = triton.cdiv(TR, block_r)
+    if deterministic:
+        da = torch.zeros(_max_splits(M, K, n_r, x.device), TR, K, dtype=torch.float32, device=x.device)
+    else:
+        da = torch.zeros(TR, K, dtype=torch.float32, device=x.device)
     grid = lambda meta: (  # noqa: E731
         triton.cdiv(K, meta["BLOCK_K"]), n_r, _num_splits(M, K, meta["BLOCK_M"], meta["BLOCK_K"], n_r, x.device)
     )
@@ -112,6 +121,6 @@ def lora_bwd_da(x, dh, dropout_p: float, seed) -> torch.Tensor:
         x, dh, da, seed_t, M, K, TR, next_pow2(M),
         x.stride(0), x.stride(1), dh.stride(0), dh.stride(1),
         threshold,
-        HAS_DROPOUT=has_drop, DOT_PREC=dot_precision(x.dtype), BLOCK_R=block_r,
+        HAS_DROPOUT=has_drop, DETERMINISTIC=deterministic, DOT_PREC=dot_precision(x.dtype), BLOCK_R=block_r,
     )
-    return da
+    return da.sum(0) if deterministic else da

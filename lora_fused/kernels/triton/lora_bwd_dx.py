@@ -42,11 +42,11 @@ def _lora_bwd_dx_kernel(
     k_ok = ks < K
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     g_row = g_ptr + rows.to(tl.int64)[:, None] * stride_gm
-    w_col = w_ptr + ks[None, :] * stride_wk
+    w_col = w_ptr + ks.to(tl.int64)[None, :] * stride_wk
     for n0 in range(0, N, BLOCK_N):
         ns = n0 + tl.arange(0, BLOCK_N)
         n_ok = ns < N
-        gv = tl.load(g_row + ns[None, :] * stride_gn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        gv = tl.load(g_row + ns.to(tl.int64)[None, :] * stride_gn, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         wv = tl.load(w_col + ns.to(tl.int64)[:, None] * stride_wn, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(gv, wv, acc, input_precision=DOT_PREC)
     if HAS_DROPOUT:
@@ -54,7 +54,7 @@ def _lora_bwd_dx_kernel(
     else:
         low = acc
     dh_row = dh_ptr + rows.to(tl.int64)[:, None] * stride_dm
-    a_col = a_ptr + ks[None, :] * stride_ak
+    a_col = a_ptr + ks.to(tl.int64)[None, :] * stride_ak
     for r0 in range(0, TR, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_ok = rr < TR
@@ -67,7 +67,7 @@ def _lora_bwd_dx_kernel(
         acc = acc + tl.where(keep, low, 0.0)
     else:
         acc = low
-    dx_offs = rows.to(tl.int64)[:, None] * stride_xm + ks[None, :] * stride_xk
+    dx_offs = rows.to(tl.int64)[:, None] * stride_xm + ks.to(tl.int64)[None, :] * stride_xk
     tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
 
 
@@ -78,7 +78,7 @@ def _smem(m, e):
 _KERNEL = tuned(
     _lora_bwd_dx_kernel,
     {"sm90": DX_CONFIGS_SM90, "sm80": DX_CONFIGS_SM80, "interpret": DX_CONFIGS_INTERPRET},
-    key=["M_KEY", "N", "K", "TR", "HAS_DROPOUT"],
+    key=["M_KEY", "N", "K", "TR", "HAS_DROPOUT", "DOT_PREC"],
     smem=_smem,
 )
 

@@ -52,11 +52,11 @@ def _lora_down_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        xv = tl.load(x_row + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        xv = tl.load(x_row + ks.to(tl.int64)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = keep_tile(seed, rows, k0, threshold, BLOCK_M, BLOCK_K)
             xv = tl.where(keep, xv, tl.zeros_like(xv))
-        av = tl.load(a_row + ks[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        av = tl.load(a_row + ks.to(tl.int64)[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(xv, av, acc, input_precision=DOT_PREC)
     if HAS_DROPOUT:
         acc = acc * drop_scale
@@ -73,7 +73,7 @@ def _smem(m, e):
 _KERNEL = tuned(
     _lora_down_kernel,
     {"sm90": DOWN_CONFIGS_SM90, "sm80": DOWN_CONFIGS_SM80, "interpret": DOWN_CONFIGS_INTERPRET},
-    key=["M_KEY", "K", "TR"],
+    key=["M_KEY", "K", "TR", "HAS_DROPOUT", "DOT_PREC"],
     smem=_smem,
 )
 

@@ -99,13 +99,13 @@ def _lora_linear_fwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        xv = tl.load(x_row + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wv = tl.load(w_col + ks[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        xv = tl.load(x_row + ks.to(tl.int64)[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wv = tl.load(w_col + ks.to(tl.int64)[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(xv, wv, acc, input_precision=DOT_PREC)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
         acc = acc + bias.to(tl.float32)[None, :]
-    y_offs = rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
+    y_offs = rows.to(tl.int64)[:, None] * stride_ym + cols.to(tl.int64)[None, :] * stride_yn
     tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -118,7 +118,7 @@ def gemm_smem(m, e, red="BLOCK_K", out="BLOCK_N"):
 _KERNEL = tuned(
     _lora_linear_fwd_kernel,
     {"sm90": GEMM_CONFIGS_SM90, "sm80": GEMM_CONFIGS_SM80, "interpret": GEMM_CONFIGS_INTERPRET},
-    key=["M_KEY", "N", "K", "R", "NUM_T"],
+    key=["M_KEY", "N", "K", "R", "NUM_T", "HAS_BIAS", "DOT_PREC"],
     smem=gemm_smem,
 )
 
