@@ -20,11 +20,12 @@ def _configs(rows):
     ]
 
 
-# dx is (M, K) with an N-deep reduction. (BLOCK_M, BLOCK_K = output width, BLOCK_N = reduction depth, warps,
-# stages): output tiles up to 128×256, the Hopper GEMM class, with its own list (not the forward's, where the
-# third block is the reduction).
+# dx is (M, K) with an N-deep reduction: its own list (in the forward's the third block is the reduction).
+# (BLOCK_M, BLOCK_K = output width, BLOCK_N = reduction depth, warps, stages). Only configs that compile without
+# register spills on sm_90 are listed (the AOT test enforces it): 128-row output tiles (128×128, 128×256) spill
+# today because the keep mask is rematerialized in the accumulator's layout (docs/triton.md).
 DX_TMA_CONFIGS_SM90 = _configs([
-    (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 32, 4, 3),
+    (64, 128, 64, 8, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 3),
 ])
 DX_TMA_CONFIGS_INTERPRET = _configs([(16, 32, 16, 4, 1)])
 
@@ -62,7 +63,7 @@ def _dx_n_loop(g_desc, w_desc, b_ptr, h_ptr, db_ptr, acc, dacc, rows, m0, k0, pi
 
 @triton.jit
 def _dx_low_rank(x_desc, a_ptr, da_ptr, seed, dhv, acc, rows, ks, m0, k0, pid_m, K, TR, stride_am, threshold,
-                 HAS_DROPOUT: tl.constexpr, DO_DA: tl.constexpr, DETERMINISTIC: tl.constexpr,
+                 PROLOGUE: tl.constexpr, HAS_DROPOUT: tl.constexpr, DO_DA: tl.constexpr, DETERMINISTIC: tl.constexpr,
                  DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """acc + keep∘(dh' A[:, ks]) and, with DO_DA, this tile's dA[:, ks] share dh'ᵀ (keep∘x[rows, ks]): the keep
     mask of the tile is generated once (in the layout of its tile) and serves both."""
@@ -82,10 +83,15 @@ def _dx_low_rank(x_desc, a_ptr, da_ptr, seed, dhv, acc, rows, ks, m0, k0, pid_m,
             tl.atomic_add(da_ptr + offs, part, mask=da_mask, sem="relaxed")
     av = tl.load(a_ptr + rr.to(tl.int64)[:, None] * stride_am + ks[None, :],
                  mask=(rr < TR)[:, None] & (ks < K)[None, :], other=0.0)
-    low = tl.dot(dhv, av, input_precision=DOT_PREC)
-    if HAS_DROPOUT:
-        low = tl.where(keep, low, 0.0)
-    acc = acc + low
+    if PROLOGUE:  # acc is zero: the low-rank MMA accumulates in place, the mask zeroes the dropped elements
+        acc = tl.dot(dhv, av, acc, input_precision=DOT_PREC)
+        if HAS_DROPOUT:
+            acc = tl.where(keep, acc, 0.0)
+    else:
+        low = tl.dot(dhv, av, input_precision=DOT_PREC)
+        if HAS_DROPOUT:
+            low = tl.where(keep, low, 0.0)
+        acc = acc + low
     return acc
 
 
@@ -146,7 +152,7 @@ def _lora_bwd_persistent_kernel(
         if ready:
             dhv = tl.load(dh_ptr + dh_offs, mask=dh_mask, other=0.0, cache_modifier=".cg")
             acc = _dx_low_rank(x_desc, a_ptr, da_ptr, seed, dhv, acc, rows, ks, m0, k0, pid_m, K, TR, stride_am,
-                               threshold, HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_R)
+                               threshold, True, HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_R)
         acc, dacc = _dx_n_loop(g_desc, w_desc, b_ptr, h_ptr, db_ptr, acc, dacc, rows, m0, k0, pid_m, M, N, R, TR, NB,
                                stride_bn, stride_br, stride_hm, scaling, off0, n0, boff0, off1, n1, boff1, off2, n2,
                                boff2, not ready, producer, DO_DB, DETERMINISTIC, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_R)
@@ -157,18 +163,17 @@ def _lora_bwd_persistent_kernel(
                 tl.debug_barrier()  # every thread's dh' stores precede the release below
                 tl.atomic_xchg(flag_ptr + pid_m, 1, sem="release")
             acc = _dx_low_rank(x_desc, a_ptr, da_ptr, seed, dhv, acc, rows, ks, m0, k0, pid_m, K, TR, stride_am,
-                               threshold, HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_R)
+                               threshold, False, HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_R)
         dx_desc.store([m0, k0], acc.to(dtype))
 
 
 def bwd_tma_smem(m, e):
-    """Shared memory of a config: pipelined g and W tiles, the dx TMA-store staging tile, the x tile for dA, the
-    low-rank tiles (B_exp chunk, A tile, dh'), and the scratch of the mask's layout change."""
+    """Shared memory of a config: pipelined g, W and B_exp tiles and the low-rank operands (the x tile for dA and
+    the mask's layout change reuse the pipeline's buffers after the N loop). An upper bound of what Triton
+    allocates, checked against the compiled kernels by the AOT test; the autotuner prunes with it."""
     bm, bk, bn, br = m["BLOCK_M"], m["BLOCK_K"], m["BLOCK_N"], m["BLOCK_R"]
-    loop = m["num_stages"] * (bm * bn + bn * bk) * e
-    rng = bm * bk * 4 if m.get("HAS_DROPOUT") else 0
-    x_tile = bm * bk * e if m.get("DO_DA") else 0
-    return loop + bm * bk * e + x_tile + (bn * br + br * bk + bm * br) * e + rng
+    loop = m["num_stages"] * (bm * bn + bn * bk + bn * br) * e
+    return loop + (br * bk + 2 * bm * br) * e + 4096
 
 
 _KERNEL = tuned(

@@ -21,8 +21,9 @@ def _configs(rows):
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): 128×256×64 with 3 stages and 8 warps is the Hopper GEMM
 # shape class (two consumer warpgroups of 64×256 wgmma); the smaller ones serve small N/K and fp32 operands.
+# Every entry compiles without spills on sm_90 (the AOT test enforces it; 128×128 with 4 warps spills).
 FWD_TMA_CONFIGS_SM90 = _configs([
-    (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 32, 4, 3),
+    (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 64, 32, 4, 3),
 ])
 FWD_TMA_CONFIGS_INTERPRET = _configs([(16, 32, 16, 4, 1)])
 
@@ -114,13 +115,13 @@ def _lora_fwd_persistent_kernel(
 
 
 def fwd_tma_smem(m, e):
-    """Shared memory of a config: pipelined x, W, A tiles, the TMA-store staging tile of y, the low-rank tiles,
-    and the scratch of the mask's layout change (the estimate the autotuner prunes with; the AOT test compares
-    it with the compiled kernels)."""
+    """Shared memory of a config: pipelined x, W and A tiles, the low-rank operands and the scratch of the mask's
+    layout change (an upper bound of what Triton allocates, checked against the compiled kernels by the AOT
+    test; the autotuner prunes with it)."""
     bm, bn, bk, br = m["BLOCK_M"], m["BLOCK_N"], m["BLOCK_K"], m["BLOCK_R"]
     loop = m["num_stages"] * (bm * bk + bn * bk + br * bk) * e
     rng = bm * bk * 4 if m.get("HAS_DROPOUT") else 0
-    return loop + bm * bn * e + (bm * br + bn * br) * e + rng
+    return loop + rng + (bm + bn) * br * e + 2048
 
 
 _KERNEL = tuned(
