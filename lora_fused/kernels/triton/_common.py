@@ -30,6 +30,11 @@ __all__ = ["keep_tile", "interpreting", "dot_precision", "dropout_args", "tuned"
            "scratch_allocator", "deterministic"]
 
 
+# Triton before 3.7 keeps extra copies of the masked operand tile per pipeline stage in the persistent kernels
+# (measured by aot_check under 3.6 and 3.8); the shared-memory estimates add them there.
+OLD_TRITON_SMEM = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7)
+
+
 def interpreting() -> bool:
     """True when kernels run on the CPU through ``TRITON_INTERPRET=1``."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

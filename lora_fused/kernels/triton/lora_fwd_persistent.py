@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (dot_precision, dropout_args, keep_tile, lora_b_tile, next_pow2, producer_first_tile,
+from ._common import (OLD_TRITON_SMEM, dot_precision, dropout_args, keep_tile, lora_b_tile, next_pow2, producer_first_tile,
                       scratch_allocator, sm_count, tuned)
 from .lora_linear_fwd import slice_args
 
@@ -121,7 +121,8 @@ def fwd_tma_smem(m, e):
     bm, bn, bk, br = m["BLOCK_M"], m["BLOCK_N"], m["BLOCK_K"], m["BLOCK_R"]
     loop = m["num_stages"] * (bm * bk + bn * bk + br * bk) * e
     rng = bm * bk * 4 if m.get("HAS_DROPOUT") else 0
-    return loop + rng + (bm + bn) * br * e + 2048
+    old = m["num_stages"] * bm * bk * e if OLD_TRITON_SMEM else 0
+    return loop + rng + old + (bm + bn) * br * e + 2048
 
 
 _KERNEL = tuned(
