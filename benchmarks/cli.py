@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default benchmarks/results/<device>-<date>/)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for a CPU run (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", action="store_true",
+                   help="print the Triton kernels' cost model (bytes, FLOPs, implied H100 time vs the floor) and exit")
     return p
 
 
@@ -231,6 +233,10 @@ def write_outputs(rows: List[Dict], cfg: Dict, command: str, plots: bool = True,
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.model:
+        from .costmodel import main as model_main
+
+        return model_main(rank=args.rank, ps=args.dropout)
     cfg = resolve(args)
     dev_name = harness.device_name(cfg["device"])
     print(f"lora_fused benchmarks on {dev_name} ({cfg['device']}), {harness.dtype_name(cfg['dtype'])}, "
