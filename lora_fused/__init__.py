@@ -12,6 +12,8 @@ from . import model as _model
 from . import ops
 from .modules import LoRABase, LoRALinear, LoRAQKV
 from .model import (
+    AdapterCheck,
+    check_adapters,
     LoadResult,
     LoRAModuleInfo,
     LoRASummary,

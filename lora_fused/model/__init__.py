@@ -1,6 +1,7 @@
 """Model-level APIs: inject adapters, choose what trains, save/load adapter checkpoints (safetensors or PEFT's
 directory format), merge for deployment, summarise, and run PEFT models on lora_fused's op."""
 
+from .check import AdapterCheck, check_adapters
 from .checkpoint import load_lora, save_lora
 from .from_peft import from_peft
 from .inject import inject_lora
@@ -28,4 +29,6 @@ __all__ = [
     "LoRAModuleInfo",
     "LoadResult",
     "from_peft",
+    "check_adapters",
+    "AdapterCheck",
 ]
