@@ -26,6 +26,7 @@ from .model import (
     lora_summary,
     mark_only_lora_as_trainable,
     merge_lora,
+    migrate_lora_qkv,
     save_lora,
 )
 

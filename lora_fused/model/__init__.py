@@ -6,6 +6,7 @@ from .checkpoint import load_lora, save_lora
 from .from_peft import from_peft
 from .inject import inject_lora
 from .merge import merge_lora
+from .migrate import migrate_lora_qkv
 from .summary import LoRAModuleInfo, LoRASummary, lora_summary
 from .trainable import (
     LoadResult,
@@ -31,4 +32,5 @@ __all__ = [
     "from_peft",
     "check_adapters",
     "AdapterCheck",
+    "migrate_lora_qkv",
 ]
