@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import statistics
 import sys
@@ -336,7 +335,7 @@ def main(argv=None) -> int:
     result["paired_step_ratio_median"] = ratio_t
     ratio_s = summary["lora_fused"]["saved_bytes"] / max(1, summary["peft"]["saved_bytes"])
     lines = [
-        f"| | step ms (median, IQR) | saved for backward MiB | peak MiB (CUDA) | trainable | final loss |",
+        "| | step ms (median, IQR) | saved for backward MiB | peak MiB (CUDA) | trainable | final loss |",
         "|---|---|---|---|---|---|",
     ]
     for k, s in summary.items():
