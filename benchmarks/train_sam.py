@@ -37,7 +37,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from functools import partial
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -48,9 +47,9 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import harness  # noqa: E402
+from benchmarks import harness, report  # noqa: E402
 from benchmarks.methods import PlainLoRAQKV, as_lora_fa  # noqa: E402
-from benchmarks.train_vit import SplitQKV, _set  # noqa: E402
+from benchmarks.train_vit import SplitQKV, _set, add_run_args, measured_step, setup_run  # noqa: E402
 
 VARIANTS = ("frozen", "seeds", "peft", "lora_fused", "lora_fused_fa")
 MIB = 2**20
@@ -143,20 +142,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--alpha", type=float, default=None, help="lora_alpha (default r: scaling 1, as SAM fine-tuning)")
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if visible)")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32, or bf16 autocast")
-    ap.add_argument("--backend", default=None, help="lora_fused backend (default auto)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="output directory (default benchmarks/results/sam-<device>-<date>/)")
+    add_run_args(ap, "sam")
     args = ap.parse_args(argv)
 
     import lora_fused as lf
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device or harness.best_device()
-    is_cuda = torch.device(device).type == "cuda"
+    device, is_cuda = setup_run(args)
     config = "tiny" if args.tiny else "vit_b"
     image_size = args.image_size or (64 if args.tiny else 256)
     alpha = args.alpha if args.alpha is not None else float(args.rank)
@@ -202,35 +194,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     for step in range(args.steps + 1):  # step 0 is the warm-up
         order = list(models) if step % 2 == 0 else list(models)[::-1]
         for kind in order:
-            m = models[kind]
+            m, opt = models[kind], opts.get(kind)
             torch.manual_seed(args.seed + 10_000 + step)
-            if is_cuda:
-                torch.cuda.synchronize()
-                before = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            with amp, backend_ctx():
-                loss = F.mse_loss(m(images).float(), target)
-            loss.backward()
-            if kind in opts:
-                opts[kind].step()
-                opts[kind].zero_grad(set_to_none=True)
-            if is_cuda:
-                torch.cuda.synchronize()
-            elapsed = (time.perf_counter() - t0) * 1e3
+
+            def train_step():
+                with amp, backend_ctx():
+                    loss = F.mse_loss(m(images).float(), target)
+                loss.backward()
+                if opt is not None:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+            _, ms, peak, peak_abs = measured_step(train_step, is_cuda)
             if step == 0:
                 continue
-            times[kind].append(elapsed)
+            times[kind].append(ms)
             if is_cuda:
-                peaks_abs[kind].append(int(torch.cuda.max_memory_allocated()))
-                peaks[kind].append(int(torch.cuda.max_memory_allocated() - before))
+                peaks_abs[kind].append(peak_abs)
+                peaks[kind].append(peak)
 
     summary: Dict[str, Dict] = {}
     for kind in models:
         summary[kind] = {
             "saved_bytes": saved[kind],
             "median_step_ms": statistics.median(times[kind]) if times[kind] else None,
-            "min_step_ms": min(times[kind]) if times[kind] else None,
+            "iqr_step_ms": harness.summarize(times[kind])["iqr_ms"] if times[kind] else None,
             "peak_bytes": max(peaks[kind]) if peaks[kind] else None,
             "max_memory_allocated": max(peaks_abs[kind]) if peaks_abs[kind] else None,
             "trainable_params": sum(p.numel() for p in trainable(models[kind])),
@@ -298,13 +286,13 @@ def _markdown(result: Dict) -> str:
         f"{m['device_name']}; torch {m['torch']}, peft {m['peft']}, commit {m['commit']}; median of {m['steps']} "
         "interleaved steps after one warm-up.",
         "",
-        "| variant | saved for backward MiB | over frozen MiB | median step ms | peak MiB (CUDA, above before) | "
+        "| variant | saved for backward MiB | over frozen MiB | step ms (median, IQR) | peak MiB (CUDA, above before) | "
         "max_memory_allocated MiB (CUDA) | trainable params |",
         "|---|---|---|---|---|---|---|",
     ]
     for kind, r in s.items():
         over = "-" if floor is None else f"{(r['saved_bytes'] - floor) / MIB:+.1f}"
-        step = "-" if r["median_step_ms"] is None else f"{r['median_step_ms']:.1f}"
+        step = "-" if r["median_step_ms"] is None else f"{r['median_step_ms']:.1f} ({r['iqr_step_ms']:.1f})"
         lines.append(f"| {kind} | {_mib(r['saved_bytes'])} | {over} | {step} | {_mib(r['peak_bytes'])} | "
                      f"{_mib(r['max_memory_allocated'])} | {r['trainable_params']:,} |")
     lines.append("")
@@ -356,11 +344,9 @@ def _plot(result: Dict, path: str) -> None:
         a.tick_params(axis="x", labelsize=8, rotation=15)
         a.grid(axis="y", alpha=0.3)
     m = result["meta"]
-    fig.suptitle(f"SAM image encoder ({m['config']}), {m['image_size']} px, batch {m['batch']}, r={m['r']}, "
-                 f"p={m['dropout']:g}, {m['precision']} · {m['device_name']} · commit {m['commit']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report._save_figure(plt, fig, f"SAM image encoder ({m['config']}), {m['image_size']} px, batch {m['batch']}, "
+                        f"r={m['r']}, p={m['dropout']:g}, {m['precision']} · {m['device_name']} · commit {m['commit']}",
+                        path)
 
 
 if __name__ == "__main__":
