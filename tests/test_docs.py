@@ -131,14 +131,23 @@ def test_no_file_cites_documents_outside_the_repository():
     assert not offenders, "cite docs/ (e.g. docs/design.md) instead:\n" + "\n".join(offenders)
 
 
+def _anchors(path: Path) -> set:
+    """GitHub's heading anchors of a markdown file: lower case, punctuation dropped, spaces to hyphens."""
+    heads = re.findall(r"^#{1,6}\s+(.+?)\s*$", path.read_text(encoding="utf-8"), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
 def test_relative_links_of_the_docs_resolve():
     broken = []
     for path in DOCS:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", path.read_text(encoding="utf-8")):
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", path.read_text(encoding="utf-8")):
             if "://" in target or target.startswith("mailto:"):
                 continue
-            if not (path.parent / target).exists():
+            dest = (path.parent / target) if target else path
+            if not dest.exists():
                 broken.append(f"{path.relative_to(ROOT)} -> {target}")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{path.relative_to(ROOT)} -> {target}#{anchor} (no such heading)")
     assert not broken, broken
 
 
