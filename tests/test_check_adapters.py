@@ -164,3 +164,28 @@ def test_check_without_backward_and_frozen_adapters():
         lf.check_adapters(model, torch.randn(4, 8), modes=("test",))
     with pytest.raises(TypeError, match="nn.Module"):
         lf.check_adapters("model")
+
+
+def test_transformers_model_output_keyword_inputs_and_a_compiled_wrapper():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                  vocab_size=100)
+    model = transformers.BertModel(cfg)
+    names = lf.inject_lora(model, ["query", "value"], r=2)
+    compiled = torch.compile(model)  # looked through: the check runs the wrapped model eagerly
+    check = lf.check_adapters(compiled, input_ids=torch.tensor([[1, 7, 9, 2]]))
+    assert check.ok and sorted({u.name for u in check.results}) == sorted(names)
+    assert all(u.reached for u in check.results)  # the gradient of a ModelOutput's tensors reached every adapter
+
+
+def test_transformer_decoder_layer_calls_its_linears():
+    """nn.TransformerDecoderLayer has no fused eval path for its feed-forward: no warning, adapters used."""
+    torch.manual_seed(0)
+    dec = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lf.inject_lora(dec, ["linear1", "linear2"], r=2)
+    with pytest.raises(TypeError, match="MultiheadAttention"):
+        lf.inject_lora(dec, ["self_attn.out_proj"], r=2)
+    assert lf.check_adapters(dec, torch.randn(2, 5, 32), torch.randn(2, 7, 32)).ok
