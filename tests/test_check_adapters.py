@@ -189,3 +189,17 @@ def test_transformer_decoder_layer_calls_its_linears():
     with pytest.raises(TypeError, match="MultiheadAttention"):
         lf.inject_lora(dec, ["self_attn.out_proj"], r=2)
     assert lf.check_adapters(dec, torch.randn(2, 5, 32), torch.randn(2, 7, 32)).ok
+
+
+def test_timm_attention_on_its_calling_branch_gives_no_warning():
+    """timm's BEiT calls qkv(x) without separate q/v biases, or with qkv_bias_separate: nothing to warn about."""
+    from timm.models.beit import Beit
+
+    for qkv_bias, separate in ((False, False), (True, True)):
+        model = Beit(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, qkv_bias=qkv_bias)
+        for block in model.blocks:
+            block.attn.qkv_bias_separate = separate
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            lf.inject_lora(model, ["qkv"], qkv_targets="qv", r=2)
+        assert lf.check_adapters(model, torch.randn(1, 3, 32, 32)).ok

@@ -89,12 +89,15 @@ def bypass_reason(parent: Optional[nn.Module], child: str) -> Optional[Tuple[str
             False,
         )
     text = _source_reads_weight(type(parent), child)
-    if text is not None:
-        hint = ""
-        if hasattr(parent, "qkv_bias_separate") and child == "qkv":
-            hint = " (timm: setting qkv_bias_separate = True on it makes it call qkv(x) and add the bias)"
-        return (f"{type(parent).__name__} computes `{text}` instead of calling self.{child}(...){hint}", False)
-    return None
+    if text is None:
+        return None
+    hint = ""
+    if child == "qkv" and hasattr(parent, "qkv_bias_separate"):
+        # timm's attention takes the F.linear branch only with separate q/k/v biases and qkv_bias_separate off.
+        if getattr(parent, "q_bias", None) is None or parent.qkv_bias_separate:
+            return None
+        hint = " (timm: setting qkv_bias_separate = True on it makes it call qkv(x) and add the bias)"
+    return (f"{type(parent).__name__} computes `{text}` instead of calling self.{child}(...){hint}", False)
 
 
 def _parents(model: nn.Module) -> Dict[int, Tuple[str, nn.Module, str]]:
