@@ -78,7 +78,7 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["lora_fused", "lora_fused.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=["torch>=2.5", "safetensors>=0.4"],
     extras_require={
         "triton": ["triton>=3.0"],
@@ -92,6 +92,7 @@ setup(
             "timm>=1.0",
             "triton>=3.0",
             "matplotlib>=3.5",
+            "ruff>=0.5", "segment-anything>=1.0",
         ],
         "bench": ["matplotlib>=3.5", "tqdm>=4", "peft>=0.10", "pytest-benchmark>=4", "triton>=3.0"],
         "build": ["pybind11>=2.10", "ninja>=1.10"],

@@ -1,6 +1,6 @@
 """Shared machinery of the benchmark suite: shapes, dtypes, interleaved timing, memory, environment.
 
-Timing rules (``shared/design/KERNELS.md``, the device notes): every method of one comparison runs in the
+Timing rules (``docs/benchmarks.md``): every method of one comparison runs in the
 same process, round-robin within each repetition (the order is reshuffled every repetition, from a fixed
 seed), so machine noise hits all of them alike. Warm-up first. CUDA: device events around each call, the L2
 cache flushed (a 256 MiB write) before each timed call; CPU: ``time.perf_counter``. We report the median and

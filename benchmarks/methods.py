@@ -9,6 +9,8 @@
   q/v adapters PEFT cannot target slices of a fused qkv (peft PR #1705 was closed), so it runs on three
   separate q, k, v linears holding the same weights, with adapters on q and v.
 * ``lora_fused``: ``LoRALinear.from_linear`` / ``LoRAQKV.from_linear(targets="qv")``, once per backend.
+* ``lora_fused_fa``: the same in LoRA-FA mode (``lora_A`` frozen at its initialisation, ``B`` trains; see
+  :func:`as_lora_fa`), once per backend, in training mode only (the eval forward is the same as ``lora_fused``).
 
 All adapters of one comparison hold the same random values (``B`` is not zero, so the numerical check is
 meaningful and nothing is timed on zeros).
@@ -19,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,7 +29,7 @@ import torch.nn as nn
 
 @dataclass
 class Method:
-    method: str  # floor | plain | peft | lora_fused
+    method: str  # floor | plain | peft | lora_fused | lora_fused_fa
     backend: str  # "" except for lora_fused
     p: float
     module: nn.Module
@@ -152,6 +154,18 @@ def _peft_lora(model: nn.Module, targets: List[str], r: int, lora_alpha: float, 
     return get_peft_model(model, cfg).base_model.model
 
 
+def as_lora_fa(model: nn.Module) -> nn.Module:
+    """LoRA-FA (arXiv 2308.03303) on every lora_fused module of ``model`` (or ``model`` itself): ``lora_A`` stays
+    at its initialisation (``requires_grad=False``) and only ``lora_B`` trains. Nothing then needs ``dA``, so the
+    op does not need ``x`` for backward (docs/design.md). Returns ``model``."""
+    import lora_fused
+
+    for m in model.modules():
+        if isinstance(m, lora_fused.LoRABase):
+            m.lora_A.requires_grad_(False)
+    return model
+
+
 def _fused_ctx(backend: str):
     import lora_fused
 
@@ -160,9 +174,10 @@ def _fused_ctx(backend: str):
 
 def linear_methods(
     base: nn.Linear, r: int, lora_alpha: float, ps: Sequence[float], backends: Sequence[str], with_peft: bool,
-    seed: int = 0,
+    seed: int = 0, lora_fa: bool = True,
 ) -> List[Method]:
-    """floor, then for each p: plain, peft (if ``with_peft``), lora_fused per backend."""
+    """floor, then for each p: plain, peft (if ``with_peft``), lora_fused and (if ``lora_fa``) lora_fused_fa per
+    backend."""
     import lora_fused
 
     dev, dt = base.weight.device, base.weight.dtype
@@ -181,19 +196,27 @@ def linear_methods(
                 layer.lora_B["default"].weight.copy_(B0)
             methods.append(Method("peft", "", p, layer))
         for b in backends:
-            fused = lora_fused.LoRALinear.from_linear(base, r=r, lora_alpha=lora_alpha, lora_dropout=p)
-            with torch.no_grad():
-                fused.lora_A.copy_(A0)
-                fused.lora_B.copy_(B0)
-            methods.append(Method("lora_fused", b, p, fused, _fused_ctx(b)))
+            for fa in (False, True) if lora_fa else (False,):
+                fused = lora_fused.LoRALinear.from_linear(base, r=r, lora_alpha=lora_alpha, lora_dropout=p)
+                with torch.no_grad():
+                    fused.lora_A.copy_(A0)
+                    fused.lora_B.copy_(B0)
+                methods.append(_fused_method(fused, b, p, fa))
     return methods
+
+
+def _fused_method(module: nn.Module, backend: str, p: float, fa: bool) -> Method:
+    if fa:
+        return Method("lora_fused_fa", backend, p, as_lora_fa(module), _fused_ctx(backend), note="LoRA-FA: A frozen")
+    return Method("lora_fused", backend, p, module, _fused_ctx(backend))
 
 
 def qkv_methods(
     base: nn.Linear, r: int, lora_alpha: float, ps: Sequence[float], backends: Sequence[str], with_peft: bool,
-    seed: int = 0,
+    seed: int = 0, lora_fa: bool = True,
 ) -> List[Method]:
-    """Adapters on q and v of a fused qkv: floor, then for each p: plain (SAM), peft (split q/k/v), lora_fused."""
+    """Adapters on q and v of a fused qkv: floor, then for each p: plain (SAM), peft (split q/k/v), lora_fused and
+    (if ``lora_fa``) lora_fused_fa."""
     import lora_fused
 
     N = base.out_features
@@ -222,13 +245,14 @@ def qkv_methods(
                 model.v.lora_B["default"].weight.copy_(Bv)
             methods.append(Method("peft", "", p, model, note="separate q/k/v linears (PEFT cannot target q/v of a fused qkv)"))
         for b in backends:
-            fused = lora_fused.LoRAQKV.from_linear(base, targets="qv", r=r, lora_alpha=lora_alpha, lora_dropout=p)
-            with torch.no_grad():
-                fused.lora_A_for("q").copy_(Aq)
-                fused.lora_B_for("q").copy_(Bq)
-                fused.lora_A_for("v").copy_(Av)
-                fused.lora_B_for("v").copy_(Bv)
-            methods.append(Method("lora_fused", b, p, fused, _fused_ctx(b)))
+            for fa in (False, True) if lora_fa else (False,):
+                fused = lora_fused.LoRAQKV.from_linear(base, targets="qv", r=r, lora_alpha=lora_alpha, lora_dropout=p)
+                with torch.no_grad():
+                    fused.lora_A_for("q").copy_(Aq)
+                    fused.lora_B_for("q").copy_(Bq)
+                    fused.lora_A_for("v").copy_(Av)
+                    fused.lora_B_for("v").copy_(Bv)
+                methods.append(_fused_method(fused, b, p, fa))
     return methods
 
 

@@ -183,7 +183,8 @@ def plot(rows: Sequence[Dict], out_dir: str, title: str = "") -> List[str]:
 
 
 _COLORS = {"floor": "0.6", "plain": "C0", "peft": "C1", "lora_fused[torch]": "C2", "lora_fused[triton]": "C3",
-           "lora_fused[cuda]": "C4"}
+           "lora_fused[cuda]": "C4", "lora_fused_fa[torch]": "C5", "lora_fused_fa[triton]": "C6",
+           "lora_fused_fa[cuda]": "C7"}
 
 
 def _save_figure(plt, fig, title, path):

@@ -96,7 +96,7 @@ def run_case(
     rows: List[Dict] = []
     for mode in modes:
         mode_ps = [0.0] if mode == "fwd" else list(ps)
-        methods = builder(base, r, lora_alpha, mode_ps, backends, with_peft, seed=seed)
+        methods = builder(base, r, lora_alpha, mode_ps, backends, with_peft, seed=seed, lora_fa=mode == "fwd+bwd")
         for m in methods:
             m.module.train(mode == "fwd+bwd")
         steps = {m.label: _make_step(m, x, g, mode) for m in methods}

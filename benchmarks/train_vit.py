@@ -27,12 +27,11 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import statistics
 import sys
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn as nn
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import harness  # noqa: E402
+from benchmarks import harness, report  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -201,12 +200,46 @@ def trainable(model: nn.Module) -> List[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def add_run_args(ap: argparse.ArgumentParser, prefix: str) -> None:
+    """The options every training example shares: --device, --backend, --seed, --threads, --out."""
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if visible)")
+    ap.add_argument("--backend", default=None, help="lora_fused backend (default auto)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--out", default=None, help=f"output directory (default benchmarks/results/{prefix}-<device>-<date>/)")
+
+
+def setup_run(args: argparse.Namespace):
+    """Applies --threads; returns ``(device, is_cuda)``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or harness.best_device()
+    return device, torch.device(device).type == "cuda"
+
+
+def measured_step(step: Callable[[], object], is_cuda: bool):
+    """Runs ``step()`` once: ``(its result, ms, CUDA peak allocated above what was allocated before it, CUDA
+    absolute peak)``; the peaks are None off CUDA."""
+    if is_cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    out = step()
+    if is_cuda:
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) * 1e3
+    if not is_cuda:
+        return out, ms, None, None
+    peak = int(torch.cuda.max_memory_allocated())
+    return out, ms, peak - before, peak
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=None, help="default 8 on CPU, 64 on CUDA")
     ap.add_argument("--image-size", type=int, default=None, help="default 112 on CPU (50 tokens), 224 on CUDA")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if visible)")
     ap.add_argument("--precision", default=None, choices=["fp32", "bf16"],
                     help="fp32, or bf16 autocast (default fp32 on CPU, bf16 on CUDA)")
     ap.add_argument("--rank", "-r", type=int, default=16)
@@ -217,16 +250,9 @@ def main(argv=None) -> int:
                     help="timm vit_tiny (auto: when timm imports) or the hand-written mini ViT")
     ap.add_argument("--peft-mode", default="split", choices=["split", "qkv"],
                     help="split: PEFT on q and v of split linears (same function); qkv: PEFT on the whole fused qkv")
-    ap.add_argument("--backend", default=None, help="lora_fused backend (default auto)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--out", default=None, help="output directory (default benchmarks/results/train-<device>-<date>/)")
+    add_run_args(ap, "train")
     args = ap.parse_args(argv)
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device or harness.best_device()
-    is_cuda = torch.device(device).type == "cuda"
+    device, is_cuda = setup_run(args)
     batch = args.batch or (64 if is_cuda else 8)
     args.image_size = args.image_size or (224 if is_cuda else 112)
     precision = args.precision or ("bf16" if is_cuda else "fp32")
@@ -288,20 +314,19 @@ def main(argv=None) -> int:
         for k in order:
             m, opt = models[k], opts[k]
             torch.manual_seed(args.seed + 10_000 + step)  # the same dropout seeds for both (masks still differ)
+
+            def train_step():
+                with amp, backend_ctx():
+                    loss = F.cross_entropy(m(x).float(), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return loss
+
+            loss, ms, peak, _ = measured_step(train_step, is_cuda)
             if is_cuda:
-                torch.cuda.synchronize()
-                before = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            with amp, backend_ctx():
-                loss = F.cross_entropy(m(x).float(), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if is_cuda:
-                torch.cuda.synchronize()
-                peaks[k].append(int(torch.cuda.max_memory_allocated() - before))
-            times[k].append((time.perf_counter() - t0) * 1e3)
+                peaks[k].append(peak)
+            times[k].append(ms)
             losses[k].append(float(loss.detach()))
 
     skip = min(3, max(0, args.steps - 1))  # first steps include warm-up (allocator, kernels' compilation)
@@ -336,7 +361,7 @@ def main(argv=None) -> int:
     result["paired_step_ratio_median"] = ratio_t
     ratio_s = summary["lora_fused"]["saved_bytes"] / max(1, summary["peft"]["saved_bytes"])
     lines = [
-        f"| | step ms (median, IQR) | saved for backward MiB | peak MiB (CUDA) | trainable | final loss |",
+        "| | step ms (median, IQR) | saved for backward MiB | peak MiB (CUDA) | trainable | final loss |",
         "|---|---|---|---|---|---|",
     ]
     for k, s in summary.items():
@@ -389,11 +414,8 @@ def _plot(result: Dict, path: str) -> None:
     axes[2].set_ylabel("MiB")
     axes[2].set_title("peak allocated per step (CUDA)" if mem_key == "peak_bytes" else "saved for backward (one forward)")
     m = result["meta"]
-    fig.suptitle(f"{m['model']} · {m['device_name']} · {m['precision']} · batch {m['batch']} · r={m['r']} · "
-                 f"p={m['dropout']:g} · PEFT {m['peft_mode']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report._save_figure(plt, fig, f"{m['model']} · {m['device_name']} · {m['precision']} · batch {m['batch']} · "
+                        f"r={m['r']} · p={m['dropout']:g} · PEFT {m['peft_mode']}", path)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from . import model as _model
 from . import ops
 from .modules import LoRABase, LoRALinear, LoRAQKV
 from .model import (
+    AdapterCheck,
+    check_adapters,
     LoadResult,
     LoRAModuleInfo,
     LoRASummary,
@@ -24,6 +26,7 @@ from .model import (
     lora_summary,
     mark_only_lora_as_trainable,
     merge_lora,
+    migrate_lora_qkv,
     save_lora,
 )
 

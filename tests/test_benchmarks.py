@@ -149,7 +149,9 @@ def test_quick_run_writes_all_outputs(tmp_path, capsys):
         for p in (0.0, 0.1):
             assert (op, "fwd+bwd", "plain", "", p) in methods
             assert (op, "fwd+bwd", "lora_fused", "torch", p) in methods
+            assert (op, "fwd+bwd", "lora_fused_fa", "torch", p) in methods  # LoRA-FA rows, training only
             assert ((op, "fwd+bwd", "peft", "", p) in methods) == with_peft
+        assert (op, "fwd", "lora_fused_fa", "torch", 0.0) not in methods
     for r in rows:
         assert r["device"] == "cpu" and r["dtype"] == "fp32" and r["torch"] == torch.__version__
         assert float(r["median_ms"]) > 0 and float(r["iqr_ms"]) >= 0 and int(r["reps"]) == 2
@@ -167,6 +169,7 @@ def test_quick_run_writes_all_outputs(tmp_path, capsys):
     shape = harness.PRESETS["tiny"]
     assert int(lin[("lora_fused", 0.1)]["saved_bytes"]) == suite.expected_saved_bytes(shape, torch.float32, 16, p=0.1)
     assert int(lin[("plain", 0.1)]["saved_bytes"]) > int(lin[("lora_fused", 0.1)]["saved_bytes"])
+    assert int(lin[("lora_fused_fa", 0.1)]["saved_bytes"]) <= int(lin[("lora_fused", 0.1)]["saved_bytes"])
     md = (out / "results.md").read_text()
     assert "### linear · tiny" in md and "### qkv · tiny" in md and "| method |" in md
 
@@ -176,8 +179,8 @@ def test_a_failing_method_is_reported_not_fatal():
         "linear", harness.PRESETS["tiny"], device="cpu", dtype=torch.float32, r=4, lora_alpha=8, ps=[0.1],
         modes=["fwd+bwd"], backends=["torch", "no-such-backend"], with_peft=False, reps=1, warmup=0,
     )
-    bad = [r for r in rows if r["backend"] == "no-such-backend"]
-    good = [r for r in rows if r["backend"] == "torch"]
+    bad = [r for r in rows if r["backend"] == "no-such-backend" and r["method"] == "lora_fused"]
+    good = [r for r in rows if r["backend"] == "torch" and r["method"] == "lora_fused"]
     assert len(bad) == 1 and bad[0]["median_ms"] is None and bad[0]["note"].startswith("failed:")
     assert len(good) == 1 and good[0]["median_ms"] > 0
     assert any("failed" in line for line in report.headline(rows))

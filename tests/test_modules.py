@@ -1,4 +1,4 @@
-"""LoRALinear / LoRAQKV: the module contract of API.md."""
+"""LoRALinear / LoRAQKV: the public module contract (construction, from_linear, forward, merge, qkv targets and splits)."""
 
 import itertools
 import math

@@ -1,10 +1,12 @@
 """Model-level APIs: inject adapters, choose what trains, save/load adapter checkpoints (safetensors or PEFT's
 directory format), merge for deployment, summarise, and run PEFT models on lora_fused's op."""
 
+from .check import AdapterCheck, check_adapters
 from .checkpoint import load_lora, save_lora
 from .from_peft import from_peft
 from .inject import inject_lora
 from .merge import merge_lora
+from .migrate import migrate_lora_qkv
 from .summary import LoRAModuleInfo, LoRASummary, lora_summary
 from .trainable import (
     LoadResult,
@@ -28,4 +30,7 @@ __all__ = [
     "LoRAModuleInfo",
     "LoadResult",
     "from_peft",
+    "check_adapters",
+    "AdapterCheck",
+    "migrate_lora_qkv",
 ]

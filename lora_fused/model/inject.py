@@ -11,6 +11,7 @@ from ..modules import LoRABase, LoRALinear, LoRAQKV
 from ..modules.base import check_lora_hparams
 from ..ops.lora_qkv import normalize_splits, normalize_targets
 from ._common import TargetSpec, make_matcher, name_in_list, pattern_value, set_submodule, shorten_names
+from .check import warn_bypassing_parents
 from .trainable import mark_only_lora_as_trainable
 
 
@@ -108,6 +109,7 @@ def inject_lora(
             f"inject_lora: target_modules={_describe_spec(target_modules)} matched no module. "
             f"The nn.Linear modules of this model are: {shorten_names(linears)}"
         )
+    warn_bypassing_parents(model, [name for name, _ in chosen])
 
     new_modules = []
     used_rank, used_alpha = set(), set()

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from ..modules import LoRAQKV
 from ._common import lora_modules
+from .check import AdapterCheck
 
 
 @dataclass
@@ -31,6 +32,7 @@ class LoRASummary:
     lora: int  # adapter parameters (lora_A, lora_B)
     frozen: int  # total - trainable
     modules: List[LoRAModuleInfo] = field(default_factory=list)
+    check: Optional[AdapterCheck] = None  # the check_adapters result passed to lora_summary, shown by str()
 
     def __str__(self) -> str:
         rows = [("module", "kind", "shape", "r", "alpha", "targets", "lora params")]
@@ -51,12 +53,15 @@ class LoRASummary:
             f"lora params:      {self.lora:,} ({pct(self.lora)})",
             f"frozen params:    {self.frozen:,} ({pct(self.frozen)})",
         ]
+        if self.check is not None:
+            lines += ["", str(self.check)]
         return "\n".join(lines)
 
 
-def lora_summary(model: nn.Module) -> LoRASummary:
+def lora_summary(model: nn.Module, check: Optional[AdapterCheck] = None) -> LoRASummary:
     """Counts of ``total`` / ``trainable`` / ``lora`` / ``frozen`` parameters (elements; shared Parameters once)
-    and one :class:`LoRAModuleInfo` per injected module, in model order. ``print(lora_summary(model))`` shows a table."""
+    and one :class:`LoRAModuleInfo` per injected module, in model order. ``print(lora_summary(model))`` shows a table.
+    ``check``: a :func:`~lora_fused.check_adapters` result, kept in ``.check`` and shown below the table."""
     params = list(model.parameters())  # deduplicated by nn.Module
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
@@ -69,4 +74,4 @@ def lora_summary(model: nn.Module) -> LoRASummary:
             lora_alpha=m.lora_alpha, targets="".join(m.targets) if isinstance(m, LoRAQKV) else None, params=n,
             merged=bool(m.merged),
         ))
-    return LoRASummary(total=total, trainable=trainable, lora=lora, frozen=total - trainable, modules=infos)
+    return LoRASummary(total=total, trainable=trainable, lora=lora, frozen=total - trainable, modules=infos, check=check)
