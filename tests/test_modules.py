@@ -143,7 +143,8 @@ def test_qkv_single_gemm_for_down_projections():
     """All targeted A's are one packed Parameter, so the down projection is one GEMM."""
     m = LoRAQKV(8, 24, r=2, targets="qkv")
     names = [n for n, _ in m.named_parameters()]
-    assert names == ["weight", "bias", "lora_A", "lora_B"]
+    assert names == ["weight", "bias", "lora_adapters.default.lora_A", "lora_adapters.default.lora_B"]
+    assert m.lora_A is m.lora_adapters["default"].lora_A
 
 
 def test_qkv_from_linear_gqa():
