@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .._errors import LoRAShapeError
-from ..modules import LoRABase, LoRALinear, LoRAQKV
+from ..modules import LoRAAdapter, LoRABase, LoRALinear, LoRAQKV
 from ..modules.base import DEFAULT_ADAPTER, LOAD_CHECKED_FIELDS, check_adapter_name
 from ..spec import AdapterSpec
 from ._common import NameMap, clean_name, lora_layers, peft_prefix, select_adapter, unwrap
@@ -173,13 +173,13 @@ def _plan_new(plan, names, pending, target, active, data, strict, unexpected, wh
             continue
         try:
             if isinstance(module, LoRABase):
-                adapter = module.new_adapter(spec)
+                if (spec.in_features, spec.out_features) != (module.in_features, module.out_features):
+                    raise ValueError(f"the adapter is for a ({spec.in_features} -> {spec.out_features}) linear")
+                adapter = LoRAAdapter(spec, device=module.weight.device, dtype=module.weight.dtype)
                 _fill(adapter, data, name)
-                if key in pending:
-                    module.attach_adapter(target, adapter)  # not in the model yet
-                else:
-                    plan.unmerge(module, f"adding adapter {target!r}")
-                    plan.attach(module, target, adapter)
+                holder = plan.add_adapter(names.actual[key], module, target, adapter, pending=key in pending)
+                if key in pending or holder is not module:
+                    pending[key] = holder
             else:
                 cls = LoRAQKV if spec.kind == "LoRAQKV" else LoRALinear
                 new = cls.from_linear_spec(module, spec, target)

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch.nn as nn
 
 from ..config import LoraConfig
-from ..modules import LoRABase, LoRALinear, LoRAQKV
+from ..modules import LoRAAdapter, LoRABase, LoRALinear, LoRAQKV
 from ..modules.base import DEFAULT_ADAPTER, check_adapter_name
 from ..spec import AdapterSpec, normalize_splits
 from ._common import (TargetSpec, clean_name, make_matcher, name_in_list, pattern_key, shorten_names, unwrap)
@@ -202,9 +202,8 @@ def plan_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, where:
             spec = _spec_for(key, linear, config, used)
             spec.warn_unusual(f"{where}: {key!r}")
             if isinstance(linear, LoRABase):
-                adapter = linear.new_adapter(spec)
-                plan.unmerge(linear, f"adding adapter {adapter_name!r}")
-                plan.attach(linear, adapter_name, adapter)
+                adapter = LoRAAdapter(spec, device=linear.weight.device, dtype=linear.weight.dtype)
+                plan.add_adapter(name, linear, adapter_name, adapter)
             else:
                 cls = LoRAQKV if spec.kind == "LoRAQKV" else LoRALinear
                 new = cls.from_linear_spec(linear, spec, adapter_name)
@@ -278,15 +277,11 @@ def _spec_for(name: str, linear: nn.Linear, config: LoraConfig, used: Dict[str, 
         if q_key is not None:
             targets = qkv[q_key]
             used["qkv_targets"].add(q_key)
-    if isinstance(linear, LoRAQKV):
-        if targets is None:
-            raise ValueError("it is a LoRAQKV: give its projections with qkv_targets")
+    if targets is not None and isinstance(linear, LoRAQKV):
         if config.qkv_splits is not None and tuple(config.qkv_splits) != linear.splits:
             raise ValueError(f"its splits are {linear.splits}, not qkv_splits={tuple(config.qkv_splits)}")
         splits = linear.splits
     elif targets is not None:
-        if isinstance(linear, LoRABase):
-            raise ValueError("it holds LoRALinear adapters; a qkv adapter needs a module of its own")
         splits = normalize_splits(config.qkv_splits, linear.out_features)
     return AdapterSpec(linear.in_features, linear.out_features, r, alpha, config.lora_dropout, config.use_rslora,
                        targets, splits, lora_fa=config.lora_fa, adapter_dtype=config.adapter_dtype)

@@ -28,7 +28,7 @@ class Plan:
     def __init__(self, model: nn.Module):
         self.root = unwrap(model)
         self.unmerges: List[Tuple[LoRABase, str]] = []
-        self.swaps: List[Tuple[str, nn.Module]] = []
+        self.swaps: Dict[str, nn.Module] = {}
         self.attaches: List[Tuple[LoRABase, str, LoRAAdapter]] = []
         self.copies: List[Tuple[torch.Tensor, torch.Tensor]] = []
         self.finals: List[Callable[[], None]] = []
@@ -39,11 +39,37 @@ class Plan:
 
     def swap(self, actual_name: str, new: nn.Module) -> None:
         """Replace submodule ``actual_name`` of the (unwrapped) model by ``new`` (a new LoRA module's base is frozen
-        then)."""
-        self.swaps.append((actual_name, new))
+        then). A later swap of the same name replaces an earlier one."""
+        self.swaps[actual_name] = new
 
     def attach(self, module: LoRABase, name: str, adapter: LoRAAdapter) -> None:
         self.attaches.append((module, name, adapter))
+
+    def add_adapter(self, actual_name: str, module: LoRABase, name: str, adapter: LoRAAdapter,
+                    pending: bool = False) -> LoRABase:
+        """Plan adding ``adapter`` as ``name`` to the LoRA module ``module`` (at ``actual_name``), unmerging it first.
+        A ``LoRALinear`` receiving a per-projection (qkv) adapter is replaced by a ``LoRAQKV`` holding the same
+        adapters. ``pending``: ``module`` is itself a planned new module (not in the model yet), changed at once.
+        Returns the module that will hold the adapter. ``ValueError`` (nothing planned) when it cannot hold it."""
+        if name in module.lora_adapters:
+            raise ValueError(f"{module._describe()} already has an adapter named {name!r}")
+        if adapter.spec.kind not in type(module).accepts:
+            from ..modules import LoRAQKV
+
+            upgraded = LoRAQKV.from_lora_module(module, adapter.spec.splits)
+            if module.merged and not pending:
+                self.unmerge(module, f"adding adapter {name!r}")
+                upgraded.merged_adapter = None  # the shared weight is unmerged when the plan applies
+            upgraded.attach_adapter(name, adapter)
+            self.swap(actual_name, upgraded)
+            return upgraded
+        module.check_spec(adapter.spec)
+        if pending:
+            module.attach_adapter(name, adapter)
+        else:
+            self.unmerge(module, f"adding adapter {name!r}")
+            self.attach(module, name, adapter)
+        return module
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
         if tuple(dst.shape) != tuple(src.shape):
@@ -56,7 +82,7 @@ class Plan:
     def apply(self) -> None:
         for module, action in self.unmerges:
             module.unmerge_before(action)
-        for name, new in self.swaps:
+        for name, new in self.swaps.items():
             if isinstance(new, LoRABase):
                 new.freeze_base()
             set_submodule(self.root, name, new)

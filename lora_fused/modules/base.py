@@ -174,8 +174,8 @@ class LoRABase(nn.Linear):
         if (spec.in_features, spec.out_features) != (self.in_features, self.out_features):
             raise ValueError(f"{self._describe()}: the adapter is for a ({spec.in_features} -> "
                              f"{spec.out_features}) linear")
-        if spec.kind != type(self).kind:
-            raise ValueError(f"{self._describe()} holds {type(self).kind} adapters, not a {spec.kind} one")
+        if spec.kind not in type(self).accepts:
+            raise ValueError(f"{self._describe()} cannot hold a {spec.kind} adapter (it holds {type(self).accepts})")
 
     def new_adapter(self, spec: AdapterSpec) -> LoRAAdapter:
         """A freshly initialised :class:`LoRAAdapter` for ``spec`` on this module's device (the module is not

@@ -30,6 +30,7 @@ class LoRALinear(LoRABase):
     """
 
     kind = "LoRALinear"
+    accepts = ("LoRALinear",)  # adapter layouts it holds (a LoRAQKV holds both)
 
     def __init__(
         self,

@@ -24,9 +24,12 @@ class LoRAQKV(LoRABase):
 
     Storage: ``lora_A`` (T·r, K) and ``lora_B`` (Σ n_t, r) stack the targets in q, k, v order;
     :meth:`lora_A_for` / :meth:`lora_B_for` return views into them (writes reach the module).
+    A named adapter may also be a plain one over all outputs (``targets`` is then None), so one fused module can
+    serve a task adapting q and v and another adapting the whole projection.
     """
 
     kind = "LoRAQKV"
+    accepts = ("LoRAQKV", "LoRALinear")  # per-projection adapters, and plain ones over all of q, k, v
 
     def __init__(
         self,
@@ -82,6 +85,20 @@ class LoRAQKV(LoRABase):
         obj.freeze_base()
         return obj
 
+    @classmethod
+    def from_lora_module(cls, module: LoRABase, splits: Sequence[int]) -> "LoRAQKV":
+        """A ``LoRAQKV`` taking over ``module``'s base (shared weight and bias), adapters (the same
+        :class:`LoRAAdapter` objects, in a new dict), active adapter and train/eval mode, with ``splits``: how a
+        ``LoRALinear`` becomes able to hold a per-projection adapter. ``module`` itself is not changed."""
+        obj = cls._shell_from_linear(module.base_linear(unmerge=False))
+        obj.splits = normalize_splits(splits, module.out_features)
+        obj._init_adapters()
+        obj.lora_adapters = nn.ModuleDict(module.lora_adapters.items())
+        obj.active_adapter = module.active_adapter
+        obj.merged_adapter = module.merged_adapter
+        obj.adapters_disabled = module.adapters_disabled
+        return obj
+
     def make_spec(self, *, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, lora_fa=False, adapter_dtype=None,
                   targets: Union[str, Sequence[str]] = "qkv") -> AdapterSpec:
         return AdapterSpec(self.in_features, self.out_features, r, lora_alpha, lora_dropout, use_rslora, targets,
@@ -89,12 +106,13 @@ class LoRAQKV(LoRABase):
 
     def check_spec(self, spec: AdapterSpec) -> None:
         super().check_spec(spec)
-        if spec.splits != self.splits:
+        if spec.targets is not None and spec.splits != self.splits:
             raise ValueError(f"{self._describe()} has splits {self.splits}; the adapter's are {spec.splits}")
 
     @property
-    def targets(self) -> Tuple[str, ...]:
-        """The projections the active adapter adapts, in q, k, v order."""
+    def targets(self) -> Optional[Tuple[str, ...]]:
+        """The projections the active adapter adapts, in q, k, v order (None for a plain adapter over all
+        outputs)."""
         return self.spec.targets
 
     def lora_A_for(self, t: str) -> torch.Tensor:
@@ -113,6 +131,8 @@ class LoRAQKV(LoRABase):
         except KeyError:
             raise KeyError(f"{self._describe()} has no adapter on {t!r}; its targets are "
                            f"{''.join(self.targets)!r}") from None
+        except ValueError as exc:
+            raise ValueError(f"{self._describe()}, adapter {self.active_adapter!r}: {exc}") from None
 
     def forward_split(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(q, k, v)``: the output split into ``splits`` along the last dimension."""
@@ -121,5 +141,5 @@ class LoRAQKV(LoRABase):
     def extra_repr(self) -> str:
         text = super().extra_repr()
         if self.has_active_adapter():
-            text += f", targets={''.join(self.targets)!r}"
+            text += f", targets={''.join(self.targets) if self.targets else None!r}"
         return text + f", splits={self.splits}"
