@@ -13,7 +13,7 @@ from ._common import check_model, lora_layers
 @dataclass
 class LoRAModuleInfo:
     name: str
-    kind: str
+    kind: str  # the module's class ("LoRALinear", "LoRAQKV"; "peft lora.Linear" for a from_peft layer)
     in_features: int
     out_features: int
     r: int  # of the active adapter (0 when the module does not hold it)
@@ -83,7 +83,8 @@ def lora_summary(model: nn.Module) -> LoRASummary:
         spec = view.spec(name) if name is not None else None
         base = view.module.get_base_layer() if view.is_peft else view.module
         infos.append(LoRAModuleInfo(
-            name=view.name, kind=spec.kind if spec else type(view.module).__name__, in_features=base.in_features,
+            name=view.name, kind="peft lora.Linear" if view.is_peft else type(view.module).__name__,
+            in_features=base.in_features,
             out_features=base.out_features, r=spec.r if spec else 0, lora_alpha=spec.lora_alpha if spec else 0,
             targets="".join(spec.targets) if spec and spec.targets else None,
             params=sum(t.numel() for t in view.tensors(name)) if name is not None else 0,
