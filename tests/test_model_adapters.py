@@ -363,3 +363,47 @@ def test_from_peft_keeps_every_adapter_and_follows_set_adapter():
         torch.testing.assert_close(y, ref(IMG), rtol=1e-5, atol=1e-5)
     with lf.disable_adapters(pm):
         torch.testing.assert_close(pm(IMG), vit()(IMG), rtol=1e-5, atol=1e-5)
+
+
+# -- all or nothing, compile, PEFT models ----------------------------------------------------------------------------------
+def _snapshot(model):
+    return ({n: type(m) for n, m in model.named_modules()}, {k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()})
+
+
+def test_failed_add_and_load_change_nothing(tmp_path):
+    m = two_task_model()
+    before = _snapshot(m)
+    with pytest.raises(ValueError, match="r must be"):  # the second matched module fails, after the first planned
+        lf.add_adapter(m, "bad", lf.LoraConfig(["qkv", "fc2"], rank_pattern={"blocks.1.mlp.fc2": 0}))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        lf.add_adapter(m, "bad", lf.LoraConfig(["fc2"], modules_to_save=["blocks.0.mlp.fc2"]))
+    assert _snapshot(m)[0] == before[0]
+    # a PEFT directory of two adapters whose second does not fit: neither is loaded
+    pm = peft.get_peft_model(vit(), peft.LoraConfig(r=2, target_modules=["fc1"]))
+    pm.add_adapter("wide", peft.LoraConfig(r=2, target_modules=["fc2"], modules_to_save=["head"]))
+    pm.save_pretrained(str(tmp_path / "p"))
+    other = vit()
+    other.head = nn.Linear(24, 7)  # the saved head does not fit
+    before = _snapshot(other)
+    with pytest.raises(ValueError, match="head.weight"):
+        lf.load_lora(other, tmp_path / "p")
+    after = _snapshot(other)
+    assert after[0] == before[0] and after[2] == before[2]
+    assert all(torch.equal(after[1][k], v) for k, v in before[1].items())
+
+
+def test_compiled_model_follows_set_adapter():
+    m = two_task_model()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    for name in ("default", "det", "default"):
+        lf.set_adapter(m, name)
+        torch.testing.assert_close(compiled(IMG), m(IMG))
+
+
+def test_peft_models_take_adapters_through_peft():
+    pm = peft.get_peft_model(vit(), peft.LoraConfig(r=2, target_modules=["fc1"]))
+    with pytest.raises(TypeError, match="PEFT model.*add_adapter"):
+        lf.inject_lora(pm, ["qkv"])
+    with pytest.raises(TypeError, match="PEFT model"):
+        lf.add_adapter(pm, "x", lf.LoraConfig(["qkv"]))

@@ -353,3 +353,14 @@ def test_float32_adapters_on_half_base_cuda(backend, dtype):
     assert_close_dtype(y, ref, dtype)
     assert_close_dtype(m.lora_A.grad, A64.grad, dtype, "grad")
     assert_close_dtype(m.lora_B.grad, B64.grad, dtype, "grad")
+
+
+def test_assigning_lora_a_replaces_the_active_adapter_parameter():
+    m = LoRALinear(8, 4, r=2)
+    new = nn.Parameter(torch.ones(2, 8))
+    m.lora_A = new
+    assert m.lora_A is new and m.lora_adapters["default"].lora_A is new
+    with pytest.raises(ValueError, match=r"has shape \(4, 2\)"):
+        m.lora_B = nn.Parameter(torch.ones(3, 2))
+    with pytest.raises(TypeError, match="nn.Parameter"):
+        m.lora_B = torch.ones(4, 2)

@@ -239,3 +239,10 @@ def select_adapter(layers: List[LayerView], adapter: Optional[str], where: str) 
 def check_model(model, where: str) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{where} expects an nn.Module, got {type(model).__name__}")
+
+
+def refuse_peft_model(model: nn.Module, where: str, instead: str) -> None:
+    """``TypeError`` for a PEFT model: lora_fused adapters are not added to PEFT's (use PEFT's own ``instead``)."""
+    if peft_prefix(unwrap(model)):
+        raise TypeError(f"{where}: the model is a PEFT model; add or load adapters with PEFT's {instead} (from_peft "
+                        f"keeps them running on lora_fused's op), or call {where} on the plain model")

@@ -15,7 +15,7 @@ from .._errors import LoRAShapeError
 from ..modules import LoRAAdapter, LoRABase, LoRALinear, LoRAQKV
 from ..modules.base import DEFAULT_ADAPTER, LOAD_CHECKED_FIELDS, check_adapter_name
 from ..spec import AdapterSpec
-from ._common import NameMap, clean_name, lora_layers, peft_prefix, select_adapter, unwrap
+from ._common import NameMap, clean_name, lora_layers, peft_prefix, refuse_peft_model, select_adapter, unwrap
 from .plan import Plan, model_active_adapter, modules_saved_with, plan_saved_modules
 from .trainable import LoadResult, gathered
 
@@ -95,6 +95,7 @@ def plan_load(model: nn.Module, items: List[Tuple[Optional[str], AdapterData]], 
     become LoRA modules and LoRA modules get one more adapter, with the checkpoint's layout. A name of None means
     the model's active adapter, or ``"default"``. The model's first adapter becomes active; later ones do not.
     """
+    refuse_peft_model(model, where, "load_adapter")
     root = unwrap(model)
     names = NameMap(root)
     previous = model_active_adapter(root)

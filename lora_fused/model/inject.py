@@ -12,7 +12,8 @@ from ..config import LoraConfig
 from ..modules import LoRAAdapter, LoRABase, LoRALinear, LoRAQKV
 from ..modules.base import DEFAULT_ADAPTER, check_adapter_name
 from ..spec import AdapterSpec, normalize_splits
-from ._common import (TargetSpec, clean_name, make_matcher, name_in_list, pattern_key, shorten_names, unwrap)
+from ._common import (TargetSpec, clean_name, make_matcher, name_in_list, pattern_key, refuse_peft_model,
+                      shorten_names, unwrap)
 from .plan import Plan, model_active_adapter, plan_saved_modules, set_trainable_for_active
 from .trainable import mark_only_lora_as_trainable
 
@@ -134,6 +135,7 @@ def add_adapter(model: nn.Module, name: str, config: Union[LoraConfig, dict, Non
 def plan_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, where: str, freeze: bool):
     """The :class:`Plan` adding adapter ``adapter_name`` per ``config``, and the names of the modules it reaches."""
     check_adapter_name(adapter_name)
+    refuse_peft_model(model, where, "add_adapter")
     if config.target_modules is None:
         raise ValueError(f"{where}: the config names no target_modules")
     root = unwrap(model)

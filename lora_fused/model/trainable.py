@@ -88,7 +88,8 @@ def gathered(tensor: torch.Tensor) -> torch.Tensor:
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether the adapters are sharded (FSDP2 / DTensor)."""
-    return any(hasattr(p, "full_tensor") for p in lora_parameters(model))
+    return any(hasattr(t, "full_tensor") for view in lora_layers(model) for name in view.adapter_names
+               for t in view.tensors(name))
 
 
 def lora_state_dict(model: nn.Module, adapter: Optional[str] = None) -> Dict[str, torch.Tensor]:

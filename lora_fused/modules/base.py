@@ -120,6 +120,20 @@ class LoRABase(nn.Linear):
     use_rslora = _spec_attr("use_rslora", "Whether the active adapter uses rsLoRA scaling.")
     lora_fa = _spec_attr("lora_fa", "Whether the active adapter is LoRA-FA (``A`` frozen, ``B`` trains).")
 
+    def __setattr__(self, name, value) -> None:
+        # ``m.lora_A = nn.Parameter(...)`` replaces the active adapter's Parameter (same shape), as on a module
+        # whose lora_A is a plain attribute.
+        if name in _ADAPTER_ATTRS and "lora_adapters" in self.__dict__.get("_modules", {}):
+            adapter = self._active_adapter_module()
+            if not isinstance(value, nn.Parameter):
+                raise TypeError(f"{self._describe()}.{name} must be an nn.Parameter, got {type(value).__name__}")
+            if value.shape != getattr(adapter, name).shape:
+                raise ValueError(f"{self._describe()}.{name} has shape {tuple(getattr(adapter, name).shape)}; "
+                                 f"got {tuple(value.shape)}")
+            setattr(adapter, name, value)
+            return
+        super().__setattr__(name, value)
+
     # -- construction --------------------------------------------------------------------------------------
     def _init_adapters(self) -> None:
         self.lora_adapters = nn.ModuleDict()
