@@ -186,8 +186,8 @@ def test_bad_adapter_names():
 
 # -- merged modules: refuse or unmerge first, never a corrupted base weight ----------------------------------------------
 def test_loading_into_a_merged_module_unmerges_first():
-    """The issue's 8x8 case: a new state dict loaded into a merged module used to keep the old output and leave the
-    base weight off by 12 after unmerge()."""
+    """An 8x8 layer: a new state dict loaded into a merged module is loaded after unmerging, so the output is the
+    new adapter's and the base weight is intact (not left holding the old delta)."""
     torch.manual_seed(0)
     m = LoRALinear(8, 8, r=2, lora_alpha=4)
     nn.init.normal_(m.lora_B)

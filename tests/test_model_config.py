@@ -140,7 +140,7 @@ def test_qkv_targets_mapping_names_any_fused_module():
 
 
 def test_qkv_targets_is_never_ignored():
-    """Today qkv_targets='qv' on a module named to_qkv quietly adapts q, k and v."""
+    """qkv_targets="qv" does not apply to a module named to_qkv: an error, not a LoRALinear adapting q, k and v."""
     m = nn.Sequential(Attn())
     with pytest.raises(ValueError, match="qkv_targets='qv' applies to modules named 'qkv'.*to_qkv"):
         lf.inject_lora(m, ["to_qkv"], qkv_targets="qv")
