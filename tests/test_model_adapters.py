@@ -15,24 +15,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_fused as lf
 from lora_fused import LoRALinear, LoRAQKV
+from model_helpers import tiny_vit as vit, randomize_adapters as randomize, trainable
 
 peft = pytest.importorskip("peft")
 timm = pytest.importorskip("timm")
 
 IMG = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-
-
-def vit(seed=0):
-    torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=24,
-                             depth=2, num_heads=2, num_classes=3).eval()
-
-
-def randomize(model, adapter=None, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lf.lora_parameters(model, adapter):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 class OpCounter(TorchDispatchMode):
@@ -55,10 +43,6 @@ def two_task_model():
     randomize(m, "default", seed=1)
     randomize(m, "det", seed=2)
     return m
-
-
-def trainable(model):
-    return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 # -- one model, several adapters ---------------------------------------------------------------------------------------
@@ -297,15 +281,6 @@ def test_multi_adapter_peft_layout_to_peft(tmp_path):
     lf.save_lora(m, tmp_path / "only_det", format="peft", adapter="det")
     pm2 = peft.PeftModel.from_pretrained(vit(), str(tmp_path / "only_det")).eval()
     torch.testing.assert_close(pm2(IMG), ref["det"], rtol=1e-5, atol=1e-5)
-
-
-def test_peft_format_refuses_mixed_dropout_within_one_adapter(tmp_path):
-    m = vit()
-    lf.inject_lora(m, ["qkv"], lora_dropout=0.1)
-    lf.inject_lora(m, ["fc1"], lora_dropout=0.0)
-    with pytest.raises(ValueError, match="lora_dropout"):
-        lf.save_lora(m, tmp_path / "p", format="peft")
-    assert not (tmp_path / "p").exists()
 
 
 # -- modules_to_save ---------------------------------------------------------------------------------------------------

@@ -13,24 +13,12 @@ import torch
 
 import lora_fused as lf
 from lora_fused import LoRALinear, LoRAQKV
+from model_helpers import tiny_vit as vit, randomize_adapters
 
 peft = pytest.importorskip("peft")
 timm = pytest.importorskip("timm")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-
-
-def vit(seed=0):
-    torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=24,
-                             depth=2, num_heads=2, num_classes=3).eval()
-
-
-def randomize_adapters(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lf.lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,10 @@ import torch.nn as nn
 
 import lora_fused as lf
 from lora_fused import LoraConfig, LoRAQKV
+from model_helpers import tiny_vit as vit
 
 peft = pytest.importorskip("peft")
 timm = pytest.importorskip("timm")
-
-
-def vit(seed=0, depth=2):
-    torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=24,
-                             depth=depth, num_heads=2, num_classes=3).eval()
 
 
 # -- JSON ------------------------------------------------------------------------------------------------------------------

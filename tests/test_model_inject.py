@@ -12,6 +12,7 @@ import torch.nn as nn
 
 import lora_fused as lf
 from lora_fused import LoRALinear, LoRAQKV
+from model_helpers import randomize_adapters
 
 
 class Attention(nn.Module):
@@ -55,13 +56,6 @@ class Encoder(nn.Module):
 def encoder(seed=0, **kw):
     torch.manual_seed(seed)
     return Encoder(**kw)
-
-
-def randomize_adapters(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lf.lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 # -- inject_lora targeting ---------------------------------------------------------------------------------------

@@ -11,21 +11,12 @@ import torch.nn as nn
 
 import lora_fused as lf
 from lora_fused import LoRALinear, LoRAQKV
+from model_helpers import tiny_vit as vit, trainable
 
 peft = pytest.importorskip("peft")
 timm = pytest.importorskip("timm")
 
 IMG = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-
-
-def vit(seed=0):
-    torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=24,
-                             depth=2, num_heads=2, num_classes=3).eval()
-
-
-def trainable(model):
-    return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("cls,kw", [(LoRALinear, {}), (LoRAQKV, {"targets": "qv"})])

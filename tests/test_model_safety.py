@@ -13,6 +13,7 @@ import torch.nn as nn
 
 import lora_fused as lf
 from lora_fused import LoRALinear, LoRAQKV
+from model_helpers import tiny_vit as vit, randomize_adapters as randomize
 
 peft = pytest.importorskip("peft")
 timm = pytest.importorskip("timm")
@@ -23,24 +24,11 @@ IMG = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
 SAM_IMG = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
 
-def vit(seed=0):
-    torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=24,
-                             depth=2, num_heads=2, num_classes=3).eval()
-
-
 def sam_encoder(seed=0):
     """segment-anything's ImageEncoderViT, tiny and random (built offline)."""
     torch.manual_seed(seed)
     return sam_modeling.ImageEncoderViT(img_size=32, patch_size=8, in_chans=3, embed_dim=24, depth=2, num_heads=2,
                                         mlp_ratio=2.0, out_chans=8, window_size=2, global_attn_indexes=(1,)).eval()
-
-
-def randomize(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lf.lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def trip(sd, tmp_path):

@@ -90,6 +90,19 @@ class LoRAAdapter(nn.Module):
         return text
 
 
+def _linear_shell(cls, linear: nn.Linear):
+    """An instance of ``cls`` (an ``nn.Linear`` class) sharing ``linear``'s ``weight`` and ``bias`` Parameters and
+    train/eval mode, made without running ``nn.Linear.__init__`` (which would allocate and initialise a weight only
+    to throw it away)."""
+    obj = cls.__new__(cls)
+    nn.Module.__init__(obj)
+    obj.in_features, obj.out_features = linear.in_features, linear.out_features
+    obj.weight = linear.weight
+    obj.bias = linear.bias
+    obj.train(linear.training)
+    return obj
+
+
 def _active_attr(attr: str, doc: str):
     def get(self):
         return getattr(self._active_adapter_module(), attr)
@@ -161,19 +174,12 @@ class LoRABase(nn.Linear):
 
     @classmethod
     def _shell_from_linear(cls, linear: nn.Linear):
-        """An instance sharing ``linear``'s weight and bias Parameters, without running ``nn.Linear.__init__``
-        (which would allocate and initialise a weight only to throw it away)."""
+        """An instance sharing ``linear``'s weight and bias Parameters (see :func:`_linear_shell`)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{cls.__name__}.from_linear expects an nn.Linear, got {type(linear).__name__}")
         if isinstance(linear, LoRABase):
             raise ValueError(f"{cls.__name__}.from_linear: the module is already a {type(linear).__name__}")
-        obj = cls.__new__(cls)
-        nn.Module.__init__(obj)
-        obj.in_features, obj.out_features = linear.in_features, linear.out_features
-        obj.weight = linear.weight
-        obj.bias = linear.bias
-        obj.train(linear.training)
-        return obj
+        return _linear_shell(cls, linear)
 
     def make_spec(self, *, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, lora_fa=False,
                   adapter_dtype=None, **kind_options) -> AdapterSpec:
@@ -342,13 +348,7 @@ class LoRABase(nn.Linear):
         ``unmerge``; without, the caller unmerges before using it). The inverse of ``from_linear``."""
         if unmerge and self.merged_adapter is not None:
             self.unmerge()
-        linear = nn.Linear.__new__(nn.Linear)
-        nn.Module.__init__(linear)
-        linear.in_features, linear.out_features = self.in_features, self.out_features
-        linear.weight = self.weight
-        linear.bias = self.bias
-        linear.train(self.training)
-        return linear
+        return _linear_shell(nn.Linear, self)
 
     # -- state dict: the single-adapter names still load ---------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
