@@ -80,10 +80,14 @@ class LoraConfig:
                 raise TypeError(f"{what} must be a dict {{pattern: value}}, got {type(patterns).__name__}")
             else:
                 setattr(self, what, dict(patterns))
-        for key, value in self.rank_pattern.items():
-            check_lora_hparams(value, 1, 0.0)
-        for key, value in self.alpha_pattern.items():
-            check_lora_hparams(1, value, 0.0)
+        for what, index in (("rank_pattern", 0), ("alpha_pattern", 1)):
+            for key, value in getattr(self, what).items():
+                args = [1, 1, 0.0]
+                args[index] = value
+                try:
+                    check_lora_hparams(*args)
+                except ValueError as exc:
+                    raise ValueError(f"{what}[{key!r}]: {exc}") from None
         self.qkv_targets = _normalize_qkv_targets(self.qkv_targets)
         if self.qkv_splits is not None:
             self.qkv_splits = tuple(int(s) for s in self.qkv_splits)

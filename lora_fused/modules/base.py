@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.lora_linear import lora_apply
-from ..spec import AdapterSpec, check_lora_hparams  # noqa: F401  (check_lora_hparams: re-exported)
+from ..spec import AdapterSpec
 
 DEFAULT_ADAPTER = "default"
 _ADAPTER_ATTRS = ("lora_A", "lora_B")
@@ -29,7 +29,8 @@ _NAME_PROBE = nn.ModuleDict()  # an adapter name must not shadow one of its attr
 
 
 def check_adapter_name(name) -> str:
-    """Adapter names key an ``nn.ModuleDict``: a non-empty ``str`` without ``.``."""
+    """``name`` if it can key the ``nn.ModuleDict`` of adapters (a non-empty ``str`` without ``.``, not starting with
+    ``_``, not shadowing a ``ModuleDict`` attribute such as ``keys``); ``ValueError`` otherwise."""
     if not isinstance(name, str) or not name or "." in name or name.startswith("_") or hasattr(_NAME_PROBE, name):
         raise ValueError(f"adapter name must be a non-empty string without '.', not starting with '_' and not an "
                          f"nn.ModuleDict attribute, got {name!r}")
