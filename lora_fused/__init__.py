@@ -10,13 +10,20 @@ from ._errors import BackendUnavailableError, LoRADtypeError, LoRAShapeError
 from .backends import available_backends, get_backend, set_backend, use_backend
 from . import model as _model
 from . import ops
-from .modules import LoRABase, LoRALinear, LoRAQKV
+from .config import LoraConfig, presets, register_preset
+from .modules import LoRAAdapter, LoRABase, LoRALinear, LoRAQKV
+from .spec import AdapterSpec
 from .model import (
     AdapterCheck,
     check_adapters,
     LoadResult,
     LoRAModuleInfo,
     LoRASummary,
+    active_adapter,
+    adapter_names,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
     from_peft,
     inject_lora,
     load_lora,
@@ -28,6 +35,8 @@ from .model import (
     merge_lora,
     migrate_lora_qkv,
     save_lora,
+    set_adapter,
+    unload_lora,
 )
 
 __all__ = [
@@ -44,4 +53,9 @@ __all__ = [
     "LoRABase",
     "LoRALinear",
     "LoRAQKV",
+    "LoRAAdapter",
+    "AdapterSpec",
+    "LoraConfig",
+    "presets",
+    "register_preset",
 ] + _model.__all__

@@ -73,7 +73,7 @@ def test_model_migrates_in_place_with_equal_outputs_and_gradients():
         m = ours.get_submodule(name)
         assert isinstance(m, lf.LoRAQKV) and m.targets == ("q", "v") and m.r == 4 and m.scaling == 1.0
     assert [n for n, p in ours.named_parameters() if p.requires_grad] == [
-        f"{n}.{p}" for n in names for p in ("lora_A", "lora_B")]
+        f"{n}.lora_adapters.default.{p}" for n in names for p in ("lora_A", "lora_B")]
 
     y_seeds, y_ours = seeds(x), ours(x)
     torch.testing.assert_close(y_ours, y_seeds, atol=1e-5, rtol=1e-5)
@@ -110,7 +110,7 @@ def test_state_dict_converts_and_loads_into_an_injected_encoder():
     fresh.load_state_dict(new_sd, strict=True)
     torch.testing.assert_close(fresh(x), expected, atol=1e-5, rtol=1e-5)
     adapters = lf.lora_state_dict(fresh)
-    assert set(adapters) == {f"blocks.{i}.attn.qkv.{p}" for i in range(2) for p in ("lora_A", "lora_B")}
+    assert set(adapters) == {f"blocks.{i}.attn.qkv.{p}" for i in range(2) for p in ("lora_A", "lora_B", "lora_config")}
 
 
 def test_errors_name_the_module_and_leave_the_model_as_it_was():

@@ -13,24 +13,12 @@ import torch
 
 import lora_fused as lf
 from lora_fused import LoRALinear, LoRAQKV
+from model_helpers import tiny_vit as vit, randomize_adapters
 
 peft = pytest.importorskip("peft")
 timm = pytest.importorskip("timm")
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-
-
-def vit(seed=0):
-    torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=24,
-                             depth=2, num_heads=2, num_classes=3).eval()
-
-
-def randomize_adapters(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lf.lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +70,9 @@ def test_metadata_holds_every_module_config(tmp_path):
     assert (q["kind"], q["r"], q["lora_alpha"], q["lora_dropout"], q["use_rslora"], q["targets"], q["splits"]) == (
         "LoRAQKV", 4, 8, 0.0, False, "qv", [24, 24, 24])
     assert mods["blocks.0.mlp.fc1"]["kind"] == "LoRALinear" and mods["blocks.0.mlp.fc1"]["targets"] is None
-    assert keys == set(lf.lora_state_dict(m))
-    tensor_bytes = sum(v.numel() * v.element_size() for v in lf.lora_state_dict(m).values())
+    adapter_tensors = {k: v for k, v in lf.lora_state_dict(m).items() if not k.endswith(".lora_config")}
+    assert keys == set(adapter_tensors)
+    tensor_bytes = sum(v.numel() * v.element_size() for v in adapter_tensors.values())
     assert tensor_bytes < os.path.getsize(path) < tensor_bytes + 4096  # adapters + a small header only
 
 

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 import lora_fused as lf
 from lora_fused import LoRALinear, LoRAQKV
+from model_helpers import randomize_adapters
 
 
 class Attention(nn.Module):
@@ -55,13 +56,6 @@ class Encoder(nn.Module):
 def encoder(seed=0, **kw):
     torch.manual_seed(seed)
     return Encoder(**kw)
-
-
-def randomize_adapters(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lf.lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 # -- inject_lora targeting ---------------------------------------------------------------------------------------
@@ -185,7 +179,7 @@ def test_freeze_and_mark_only_lora_as_trainable():
     m = encoder()
     lf.inject_lora(m, ["qkv"], qkv_targets="qv")
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert trainable == {f"blocks.{i}.attn.qkv.lora_{ab}" for i in range(4) for ab in "AB"}
+    assert trainable == {f"blocks.{i}.attn.qkv.lora_adapters.default.lora_{ab}" for i in range(4) for ab in "AB"}
     lf.mark_only_lora_as_trainable(m, bias="lora_only", modules_to_save=["head"])
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert {"blocks.0.attn.qkv.bias", "head.weight", "head.bias"} <= trainable
@@ -209,8 +203,8 @@ def test_lora_parameters_and_state_dict():
     params = list(lf.lora_parameters(m))
     assert len(params) == 16 and params[0] is m.blocks[0].attn.qkv.lora_A
     sd = lf.lora_state_dict(m)
-    assert list(sd)[:4] == ["blocks.0.attn.qkv.lora_A", "blocks.0.attn.qkv.lora_B",
-                            "blocks.0.mlp.0.lora_A", "blocks.0.mlp.0.lora_B"]
+    assert list(sd)[:6] == ["blocks.0.attn.qkv.lora_A", "blocks.0.attn.qkv.lora_B", "blocks.0.attn.qkv.lora_config",
+                            "blocks.0.mlp.0.lora_A", "blocks.0.mlp.0.lora_B", "blocks.0.mlp.0.lora_config"]
     assert all(not v.requires_grad for v in sd.values())
     assert sd["blocks.0.attn.qkv.lora_A"].shape == (4, 16)
 
@@ -335,7 +329,8 @@ def test_end_to_end_training_sam_style(tmp_path):
     for k, v in base_state.items():
         assert torch.equal(state[k], v), k  # base weights and everything else unchanged
     changed = [k for k in state if k not in base_state]
-    assert sorted(changed) == sorted(lf.lora_state_dict(m))
+    assert sorted(changed) == sorted(k.replace(".lora_", ".lora_adapters.default.lora_")
+                                     for k in lf.lora_state_dict(m) if not k.endswith("lora_config"))
     for b, k0 in zip(m.blocks, base_k):
         qkv = b.attn.qkv
         assert qkv.targets == ("q", "v")

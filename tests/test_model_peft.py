@@ -158,7 +158,7 @@ def test_sam_style_qv_only_adapters_k_stays_base():
     m = copy.deepcopy(base)
     lf.inject_lora(m, ["qkv"], qkv_targets="qv", r=4)
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert trainable == {f"blocks.{i}.attn.qkv.lora_{ab}" for i in range(2) for ab in "AB"}
+    assert trainable == {f"blocks.{i}.attn.qkv.lora_adapters.default.lora_{ab}" for i in range(2) for ab in "AB"}
     opt = torch.optim.SGD(lf.lora_parameters(m), lr=0.5)
     for _ in range(3):
         opt.zero_grad()

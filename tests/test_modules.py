@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -143,7 +144,8 @@ def test_qkv_single_gemm_for_down_projections():
     """All targeted A's are one packed Parameter, so the down projection is one GEMM."""
     m = LoRAQKV(8, 24, r=2, targets="qkv")
     names = [n for n, _ in m.named_parameters()]
-    assert names == ["weight", "bias", "lora_A", "lora_B"]
+    assert names == ["weight", "bias", "lora_adapters.default.lora_A", "lora_adapters.default.lora_B"]
+    assert m.lora_A is m.lora_adapters["default"].lora_A
 
 
 def test_qkv_from_linear_gqa():
@@ -227,3 +229,138 @@ def test_autocast_follows_nn_linear():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, yl = m(x), lin(x)
     assert y.dtype == yl.dtype == torch.bfloat16
+
+
+# -- adapter_dtype: float32 adapters on a half-precision base, every backend that runs here -----------------------------
+def _half_backends():
+    import lora_fused
+
+    out = [("torch", torch.bfloat16), ("torch", torch.float16)]
+    if "triton" in lora_fused.available_backends() or os.environ.get("TRITON_INTERPRET") == "1":
+        out.append(("triton", torch.float16))  # the Triton interpreter computes fp16 dots right (bf16 only on a GPU)
+    return out
+
+
+@pytest.mark.parametrize("backend,dtype", _half_backends())
+@pytest.mark.parametrize("cls_kwargs", [(LoRALinear, {}), (LoRAQKV, {"targets": "qv", "splits": (16, 8, 8)})])
+def test_float32_adapters_on_half_base_grads_exact(backend, dtype, cls_kwargs):
+    """``adapter_dtype=float32``: the parameters stay float32, the op computes in the base's dtype, and the
+    gradients that reach the float32 parameters equal float64 math (of the cast adapters) within the base dtype's
+    tolerance."""
+    import lora_fused
+    from conftest import assert_close_dtype
+
+    cls, kw = cls_kwargs
+    torch.manual_seed(3)
+    m = cls(24, 32, r=4, lora_alpha=8, dtype=dtype, adapter_dtype=torch.float32, **kw)
+    assert m.weight.dtype == dtype and m.lora_A.dtype == torch.float32 and m.lora_B.dtype == torch.float32
+    with torch.no_grad():
+        m.lora_B.normal_(std=0.5)
+    x = torch.randn(5, 24, dtype=dtype)
+    g = torch.randn(5, 32, dtype=dtype)
+    with lora_fused.use_backend(backend):
+        y = m(x)
+        (y.float() * g.float()).sum().backward()
+    assert y.dtype == dtype and m.lora_A.grad.dtype == torch.float32 and m.lora_B.grad.dtype == torch.float32
+    A64 = m.lora_A.detach().to(dtype).double().requires_grad_(True)
+    B64 = m.lora_B.detach().to(dtype).double().requires_grad_(True)
+    ref = naive_lora(x.double(), m.weight.double(), m.bias.double(), A64, B64, m.scaling, lora_slices=m.lora_slices())
+    (ref * g.double()).sum().backward()
+    assert_close_dtype(y, ref, dtype)
+    assert_close_dtype(m.lora_A.grad, A64.grad, dtype, "grad")
+    assert_close_dtype(m.lora_B.grad, B64.grad, dtype, "grad")
+
+
+def test_adapter_dtype_through_inject_and_checkpoint(tmp_path):
+    import lora_fused as lf
+
+    model = nn.Sequential(nn.Linear(16, 48), nn.GELU(), nn.Linear(48, 8)).to(torch.bfloat16)
+    lf.inject_lora(model, ["0", "2"], adapter_dtype=torch.float32, r=2)
+    assert model[0].lora_A.dtype == torch.float32 and model[0].weight.dtype == torch.bfloat16
+    model(torch.randn(3, 16, dtype=torch.bfloat16)).float().sum().backward()
+    assert model[0].lora_B.grad.dtype == torch.float32
+    lf.save_lora(model, tmp_path / "a.safetensors")
+    fresh = nn.Sequential(nn.Linear(16, 48), nn.GELU(), nn.Linear(48, 8)).to(torch.bfloat16)
+    lf.load_lora(fresh, tmp_path / "a.safetensors")
+    assert fresh[2].lora_B.dtype == torch.float32 and torch.equal(fresh[2].lora_A, model[2].lora_A)
+
+
+# -- named adapters on one module -------------------------------------------------------------------------------------
+def test_module_level_named_adapters():
+    m = LoRAQKV(8, 24, r=2, targets="qv")
+    m.add_adapter("full", r=3, lora_alpha=6, targets="qkv")
+    assert m.adapter_names == ["default", "full"] and m.active_adapter == "default"
+    assert not m.lora_adapters["full"].lora_A.requires_grad  # inactive: frozen
+    m.set_adapter("full")
+    assert m.r == 3 and m.targets == ("q", "k", "v") and m.lora_A.requires_grad
+    assert not m.lora_adapters["default"].lora_B.requires_grad
+    x = torch.randn(2, 8)
+    _randomize(m)
+    expected = naive_lora(x, m.weight, m.bias, m.lora_A, m.lora_B, m.scaling, lora_slices=m.lora_slices())
+    torch.testing.assert_close(m(x), expected)
+    m.delete_adapter("default")
+    assert m.adapter_names == ["full"]
+    with pytest.raises(ValueError, match="already has an adapter named 'full'"):
+        m.add_adapter("full")
+    other_splits = m.lora_adapters["full"].spec.with_(splits=(12, 6, 6))
+    with pytest.raises(ValueError, match=r"has splits \(8, 8, 8\)"):
+        m.attach_adapter("g", lf_adapter(other_splits))
+    m.active_adapter = "missing"
+    assert not hasattr(m, "lora_A")
+    torch.testing.assert_close(m(x), nn.functional.linear(x, m.weight, m.bias))  # no active adapter: the base
+
+
+def lf_adapter(spec):
+    from lora_fused import LoRAAdapter
+
+    return LoRAAdapter(spec)
+
+
+def test_old_single_adapter_state_dict_loads():
+    """A full state dict of a module saved before named adapters (keys lora_A / lora_B) loads into the active one."""
+    src = LoRAQKV(8, 24, r=2, targets="qv")
+    _randomize(src)
+    old = {"weight": src.weight, "bias": src.bias, "lora_A": src.lora_A.detach(), "lora_B": src.lora_B.detach()}
+    dst = LoRAQKV(8, 24, r=2, targets="qv")
+    dst.load_state_dict(old)
+    assert torch.equal(dst.lora_B, src.lora_B) and torch.equal(dst.weight, src.weight)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float32_adapters_on_half_base_cuda(backend, dtype):
+    """adapter_dtype=float32 on a CUDA half-precision base, each GPU backend (skipped where one cannot run)."""
+    import lora_fused
+    from conftest import assert_close_dtype
+
+    if backend not in lora_fused.available_backends():
+        pytest.skip(f"backend {backend!r} is not available here")
+    torch.manual_seed(3)
+    m = LoRAQKV(64, 96, r=8, targets="qv", dtype=dtype, device="cuda", adapter_dtype=torch.float32)
+    with torch.no_grad():
+        m.lora_B.normal_(std=0.5)
+    x = torch.randn(33, 64, dtype=dtype, device="cuda")
+    with lora_fused.use_backend(backend):
+        y = m(x)
+        y.float().square().sum().backward()
+    A64 = m.lora_A.detach().to(dtype).double().requires_grad_(True)
+    B64 = m.lora_B.detach().to(dtype).double().requires_grad_(True)
+    ref = naive_lora(x.double(), m.weight.double(), m.bias.double(), A64, B64, m.scaling, lora_slices=m.lora_slices())
+    ref.square().sum().backward()
+    assert m.lora_A.grad.dtype == torch.float32
+    assert_close_dtype(y, ref, dtype)
+    assert_close_dtype(m.lora_A.grad, A64.grad, dtype, "grad")
+    assert_close_dtype(m.lora_B.grad, B64.grad, dtype, "grad")
+
+
+def test_assigning_lora_a_replaces_the_active_adapter_parameter():
+    m = LoRALinear(8, 4, r=2)
+    new = nn.Parameter(torch.ones(2, 8))
+    m.lora_A = new
+    assert m.lora_A is new and m.lora_adapters["default"].lora_A is new
+    with pytest.raises(ValueError, match=r"has shape \(4, 2\)"):
+        m.lora_B = nn.Parameter(torch.ones(3, 2))
+    with pytest.raises(TypeError, match="nn.Parameter"):
+        m.lora_B = torch.ones(4, 2)

@@ -1,10 +1,19 @@
-"""Model-level APIs: inject adapters, choose what trains, save/load adapter checkpoints (safetensors or PEFT's
-directory format), merge for deployment, summarise, and run PEFT models on lora_fused's op."""
+"""Model-level APIs: inject adapters (named, several per model), choose what trains, save/load adapter
+checkpoints (safetensors or PEFT's directory format), merge for deployment, summarise, and run PEFT models on
+lora_fused's op."""
 
+from .adapters import (
+    active_adapter,
+    adapter_names,
+    delete_adapter,
+    disable_adapters,
+    set_adapter,
+    unload_lora,
+)
 from .check import AdapterCheck, check_adapters
 from .checkpoint import load_lora, save_lora
 from .from_peft import from_peft
-from .inject import inject_lora
+from .inject import add_adapter, inject_lora
 from .merge import merge_lora
 from .migrate import migrate_lora_qkv
 from .summary import LoRAModuleInfo, LoRASummary, lora_summary
@@ -18,6 +27,13 @@ from .trainable import (
 
 __all__ = [
     "inject_lora",
+    "add_adapter",
+    "set_adapter",
+    "active_adapter",
+    "adapter_names",
+    "disable_adapters",
+    "delete_adapter",
+    "unload_lora",
     "mark_only_lora_as_trainable",
     "lora_parameters",
     "lora_state_dict",

@@ -12,11 +12,16 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     PEFT's parameters, state-dict keys, ``save_pretrained``, ``merge_adapter``/``unmerge_adapter`` and
     ``merge_and_unload`` keep working; outputs and gradients equal PEFT's (dropout draws its own masks).
     The layers stay instances of PEFT's ``lora.Linear`` (their class becomes a subclass that only overrides
-    ``forward``). Disabled adapters, merged adapters and mixed-batch calls (``adapter_names=``) use PEFT's own path.
+    ``forward``). Every PEFT adapter is kept; the forward follows PEFT's ``set_adapter`` (the active adapter runs on
+    lora_fused's op). Disabled adapters, merged adapters and mixed-batch calls (``adapter_names=``) use PEFT's own
+    path. The model is first-class for lora_fused's APIs: ``lora_parameters``, ``lora_state_dict``,
+    ``lora_summary``, ``save_lora`` (both formats), ``set_adapter``, ``active_adapter``, ``adapter_names``,
+    ``disable_adapters``, ``delete_adapter``.
 
-    Not supported (``ValueError``, nothing changed): DoRA (``use_dora``) and other LoRA variants, several active
-    adapters, ``fan_in_fan_out`` (GPT-2 ``Conv1D``), ``lora_bias``, LoRA on layers other than ``nn.Linear``
-    (Embedding, Conv, ``target_parameters``), quantized base layers (bitsandbytes, GPTQ, …).
+    Not supported (``ValueError``, nothing changed), for any of its adapters: DoRA (``use_dora``) and other LoRA
+    variants, several active adapters, ``fan_in_fan_out`` (GPT-2 ``Conv1D``), ``lora_bias``, LoRA on layers other
+    than ``nn.Linear`` (Embedding; Conv: "Conv LoRA is not supported"; ``target_parameters``), quantized base
+    layers (bitsandbytes, GPTQ, …).
     ``peft`` is imported here, never by ``import lora_fused``.
     """
     try:
@@ -32,16 +37,19 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         if not isinstance(module, LoraLayer):
             continue
         if type(module) not in (PeftLoraLinear, FusedPeftLoraLinear):
-            problems.append(f"{name}: a {type(module).__module__}.{type(module).__name__} LoRA layer "
-                            "(only LoRA on nn.Linear is supported)")
+            conv = "Conv" in type(module).__name__ or isinstance(module.get_base_layer(), nn.modules.conv._ConvNd)
+            problems.append(f"{name}: a {type(module).__module__}.{type(module).__name__} LoRA layer: "
+                            + ("Conv LoRA is not supported (only LoRA on nn.Linear)" if conv
+                               else "only LoRA on nn.Linear is supported"))
             continue
-        active = [a for a in module.active_adapters if a in module.lora_A.keys()]
         if len(module.active_adapters) > 1:
             problems.append(f"{name}: several active adapters {list(module.active_adapters)}")
             continue
-        reason = unsupported_reason(module, active) if active else ""
-        if reason:
-            problems.append(f"{name}: {reason}")
+        # every adapter, active or not: set_adapter may switch to any of them later
+        reasons = [unsupported_reason(module, [adapter]) for adapter in module.lora_A.keys()]
+        reasons = [r for r in reasons if r]
+        if reasons:
+            problems.append(f"{name}: {'; '.join(reasons)}")
             continue
         layers.append(module)
     if problems:

@@ -1,4 +1,4 @@
-"""``merge_lora``: fold every adapter into its base weight and leave plain ``nn.Linear`` modules."""
+"""``merge_lora``: fold the active adapter into each base weight and leave plain ``nn.Linear`` modules."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import copy
 import torch.nn as nn
 
 from ..modules import LoRABase
-from ._common import lora_modules, set_submodule
+from ._common import check_model, unwrap
+from .plan import Plan
 
 
 def _plain(module: LoRABase) -> nn.Linear:
@@ -21,22 +22,25 @@ def _plain(module: LoRABase) -> nn.Linear:
 
 
 def merge_lora(model: nn.Module, inplace: bool = True) -> nn.Module:
-    """Replace every ``LoRALinear`` / ``LoRAQKV`` of ``model`` by a plain ``nn.Linear`` with the merged weight
-    ``W + scaling · B A`` (computed in float32 and cast back, so bf16/fp16 models do not drift), and return the
-    model. Modules already ``merged`` keep their (merged) weight. With ``inplace=False`` a merged copy is
-    returned and ``model`` is left untouched (the copy is made without duplicating the replaced LoRA modules).
+    """Replace every ``LoRALinear`` / ``LoRAQKV`` of ``model`` by a plain ``nn.Linear`` with its active adapter
+    merged, ``W + scaling · B A`` (computed in float32 and cast back, so bf16/fp16 models do not drift), and return
+    the model; the other adapters are dropped. Modules already ``merged`` keep their (merged) weight; modules
+    without the active adapter keep their base weight. With ``inplace=False`` a merged copy is returned and
+    ``model`` is left untouched (the copy is made without duplicating the replaced LoRA modules).
     The result has no lora_fused modules: it saves, scripts and exports (``torch.export``, ONNX) like any model.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"merge_lora expects an nn.Module, got {type(model).__name__}")
+    check_model(model, "merge_lora")
     if isinstance(model, LoRABase):
         return _plain(model) if not inplace else _raise_root()
-    modules = list(lora_modules(model))
+    root = unwrap(model)
+    modules = [(name, module) for name, module in root.named_modules() if isinstance(module, LoRABase)]
     if not inplace:
         memo = {id(module): _plain(module) for _, module in modules}
         return copy.deepcopy(model, memo)
+    plan = Plan(root)
     for name, module in modules:
-        set_submodule(model, name, _plain(module))
+        plan.swap(name, _plain(module))
+    plan.apply()
     return model
 
 

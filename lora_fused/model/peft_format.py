@@ -1,14 +1,16 @@
-"""PEFT's adapter directory format (``adapter_config.json`` + ``adapter_model.safetensors``), both ways.
+"""PEFT's adapter directory format (``adapter_config.json`` + ``adapter_model.safetensors``), both ways, with PEFT's
+multi-adapter layout (the adapter ``"default"`` at the top of the directory, every other adapter in a sub-directory
+named after it, as ``PeftModel.save_pretrained`` writes them).
 
-A ``LoRALinear`` is a PEFT LoRA adapter as is. A ``LoRAQKV`` with targets ``T`` (each ``A_t`` (r, K), ``B_t``
-(n_t, r)) is written exactly as ONE PEFT adapter of rank ``|T|·r`` over the whole fused qkv Linear:
-``A = [A_t; …]`` (the packed ``lora_A``) and ``B`` the block matrix with ``B_t`` in rows ``slice_t`` × columns
-``t·r:(t+1)·r`` and zeros elsewhere (so untargeted projections get nothing), with ``lora_alpha`` scaled so the
-scaling is unchanged. It computes the same function, with the same shared dropout mask. (PEFT itself cannot
-*train* the block structure: further PEFT training fills the zero blocks.) The lora_fused configuration travels
-in the safetensors metadata, so :func:`load_lora` turns the block adapter back into a ``LoRAQKV``.
-What PEFT's format cannot express raises ``ValueError``: modules with different ``lora_dropout`` or ``use_rslora``
-(PEFT has one value for all modules).
+A ``LoRALinear`` adapter is a PEFT LoRA adapter as is. A ``LoRAQKV`` adapter with targets ``T`` is written exactly as
+ONE PEFT adapter of rank ``|T|·r`` over the whole fused qkv Linear (:meth:`AdapterSpec.to_peft_B`: ``A`` the packed
+``lora_A``, ``B`` block-diagonal with zeros outside the target blocks, ``lora_alpha`` scaled to keep the scaling). It
+computes the same function, with the same shared dropout mask. (PEFT itself cannot *train* the block structure:
+further PEFT training fills the zero blocks.) lora_fused's configuration (exact alpha, targets, LoRA-FA, dtype)
+travels in the safetensors metadata, so :func:`~lora_fused.load_lora` restores the ``LoRAQKV``.
+``modules_to_save`` are written as PEFT writes them (``base_model.model.<module>.<key>``, listed in the config).
+What PEFT's format cannot express raises ``ValueError``: modules of one adapter with different ``lora_dropout`` or
+``use_rslora`` (PEFT has one value per adapter).
 """
 
 from __future__ import annotations
@@ -18,72 +20,57 @@ import math
 import os
 import re
 from collections import Counter
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
-import torch
 import torch.nn as nn
 
+from ..config import PEFT_UNSUPPORTED
 from ..modules import LoRAQKV
-from ._common import lora_modules, module_config
-from .trainable import gathered
-from .checkpoint import (
-    META_MODULES, atomic_write_bytes, read_safetensors, scaling_of, to_cpu, validate_configs,
-)
+from ..spec import AdapterSpec
+from ._common import NameMap, pattern_key
+from ._io import atomic_write_bytes, read_safetensors, to_cpu
+from .adapter_data import META_MODULES, AdapterData, entries_json, validate_entries
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
-
-# Config fields that switch PEFT to something other than plain LoRA on a Linear: refused on load.
-_UNSUPPORTED = (
-    "use_dora", "fan_in_fan_out", "lora_bias", "use_qalora", "use_bdlora", "alora_invocation_tokens",
-    "arrow_config", "velora_config", "monteclora_config", "kasa_config", "mica", "target_parameters",
-    "layer_replication", "trainable_token_indices",
-)
+DEFAULT_DIR_ADAPTER = "default"
 
 
-def _slices(module: LoRAQKV):
-    s = module.lora_slices()
-    return [(s[2 * i], s[2 * i + 1]) for i in range(len(s) // 2)]
-
-
-def block_B(module: LoRAQKV) -> torch.Tensor:
-    """PEFT's ``B`` (out_features, T·r) of a LoRAQKV: ``B_t`` on its rows and its rank block, zeros elsewhere."""
-    r, B = module.r, gathered(module.lora_B)
-    out = B.new_zeros(module.out_features, len(module.targets) * r)
-    b_off = 0
-    for i, (off, n) in enumerate(_slices(module)):
-        out[off:off + n, i * r:(i + 1) * r] = B[b_off:b_off + n]
-        b_off += n
-    return out
-
-
-def save_peft(model: nn.Module, directory: str) -> None:
-    """Write ``directory/adapter_config.json`` and ``directory/adapter_model.safetensors`` (each atomically)."""
-    from safetensors.torch import save as st_save
-
+# -- write -----------------------------------------------------------------------------------------------------------
+def save_peft(datas: List[AdapterData], directory: str, single: bool) -> None:
+    """Write ``datas`` in PEFT's layout under ``directory`` (``single``: the one adapter at the top, whatever its
+    name). Everything is encoded (and validated) before the first file is written; each file is written atomically."""
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(f"save_lora(format='peft'): {directory!r} exists and is not a directory")
-    modules = list(lora_modules(model))
-    dropouts = {float(m.lora_dropout) for _, m in modules}
-    rslora = {bool(m.use_rslora) for _, m in modules}
+    files = []
+    for data in datas:
+        where = directory if single or data.name in (None, DEFAULT_DIR_ADAPTER) else os.path.join(directory, data.name)
+        config, weights = encode_peft(data)
+        files += [(os.path.join(where, WEIGHTS_NAME), weights), (os.path.join(where, CONFIG_NAME), config)]
+    for path, payload in files:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write_bytes(path, payload)
+
+
+def encode_peft(data: AdapterData) -> Tuple[bytes, bytes]:
+    """``(adapter_config.json bytes, adapter_model.safetensors bytes)`` of one adapter."""
+    from safetensors.torch import save as st_save
+
+    dropouts = {spec.lora_dropout for spec in data.specs.values()}
+    rslora = {spec.use_rslora for spec in data.specs.values()}
     if len(dropouts) > 1 or len(rslora) > 1:
         raise ValueError(
-            "save_lora(format='peft'): PEFT's format has one lora_dropout and one use_rslora for all modules, but "
-            f"this model's adapters use lora_dropout {sorted(dropouts)} and use_rslora {sorted(rslora)}; "
+            "save_lora(format='peft'): PEFT's format has one lora_dropout and one use_rslora per adapter, but "
+            f"adapter {data.name!r} uses lora_dropout {sorted(dropouts)} and use_rslora {sorted(rslora)}; "
             "use format='safetensors'"
         )
-    use_rslora = rslora.pop()
-    tensors, ranks, alphas, configs = {}, {}, {}, []
-    for name, m in modules:
-        t = len(m.targets) if isinstance(m, LoRAQKV) else 1
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = gathered(m.lora_A)
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = block_B(m) if isinstance(m, LoRAQKV) else gathered(m.lora_B)
-        ranks[name] = t * m.r
-        alpha = m.lora_alpha
-        if t > 1:  # keep the scaling: alpha'/(t·r) == alpha/r, alpha'/sqrt(t·r) == alpha/sqrt(r)
-            alpha = alpha * (math.sqrt(t) if use_rslora else t)
-        alphas[name] = alpha
-        configs.append(dict(name=name, **module_config(m)))
+    tensors, ranks, alphas = {}, {}, {}
+    for name, spec in data.specs.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = data.tensors[f"{name}.lora_A"]
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = spec.to_peft_B(data.tensors[f"{name}.lora_B"])
+        ranks[name], alphas[name] = spec.peft_rank_alpha()
+    for key, value in data.extras.items():
+        tensors[PREFIX + key] = value
     r0 = Counter(ranks.values()).most_common(1)[0][0]
     a0 = Counter(alphas.values()).most_common(1)[0][0]
     config = {
@@ -95,8 +82,8 @@ def save_peft(model: nn.Module, directory: str) -> None:
         "r": r0,
         "lora_alpha": a0,
         "lora_dropout": dropouts.pop(),
-        "use_rslora": use_rslora,
-        "target_modules": [name for name, _ in modules],
+        "use_rslora": rslora.pop(),
+        "target_modules": list(data.specs),
         "exclude_modules": None,
         "rank_pattern": {re.escape(n): v for n, v in ranks.items() if v != r0},
         "alpha_pattern": {re.escape(n): v for n, v in alphas.items() if v != a0},
@@ -105,63 +92,52 @@ def save_peft(model: nn.Module, directory: str) -> None:
         "use_dora": False,
         "lora_bias": False,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": list(data.saved_modules) or None,
         "layers_to_transform": None,
         "layers_pattern": None,
     }
-    metadata = {"format": "pt", META_MODULES: json.dumps(configs)}
-    os.makedirs(directory, exist_ok=True)
-    atomic_write_bytes(os.path.join(directory, WEIGHTS_NAME), st_save(to_cpu(tensors), metadata=metadata))
-    atomic_write_bytes(os.path.join(directory, CONFIG_NAME), (json.dumps(config, indent=2) + "\n").encode())
+    weights = st_save(to_cpu(tensors), metadata={"format": "pt", META_MODULES: entries_json(data)})
+    return (json.dumps(config, indent=2) + "\n").encode(), weights
 
 
-def _peft_pattern_value(patterns: dict, name: str, default):
-    """PEFT's ``get_pattern_key``: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``."""
-    for key, value in (patterns or {}).items():
-        try:
-            if re.match(rf"(.*\.)?({key})$", name):
-                return value
-        except re.error:
-            continue
-    return default
+# -- read ------------------------------------------------------------------------------------------------------------
+def read_peft_dir(directory: str, adapter_name: Optional[str] = None,
+                  model: Optional[nn.Module] = None) -> List[Tuple[Optional[str], AdapterData]]:
+    """The adapters of a PEFT directory as ``(name, data)``: with ``adapter_name``, the top-level adapter (name
+    None) or else the sub-directory ``adapter_name``; without, every adapter of the layout (the top-level one is
+    named None when alone, ``"default"`` beside sub-directory adapters). ``model`` (optional) helps turn a
+    block-form PEFT adapter without lora_fused metadata back into the model's ``LoRAQKV`` layout."""
+    where = f"load_lora({directory!r})"
+    top = os.path.isfile(os.path.join(directory, CONFIG_NAME))
+    subs = sorted(d for d in os.listdir(directory)
+                  if os.path.isfile(os.path.join(directory, d, CONFIG_NAME)) and not d.startswith("."))
+    if adapter_name is not None:
+        if top:
+            return [(None, read_peft_adapter(directory, model))]
+        if adapter_name in subs:
+            return [(adapter_name, read_peft_adapter(os.path.join(directory, adapter_name), model))]
+        raise ValueError(f"{where}: no adapter {adapter_name!r} here (adapters: {subs or 'none'}; "
+                         f"a PEFT adapter directory has {CONFIG_NAME})")
+    if not top and not subs:
+        raise ValueError(f"{where}: not a PEFT adapter directory (no {CONFIG_NAME})")
+    items = [(DEFAULT_DIR_ADAPTER if subs else None, read_peft_adapter(directory, model))] if top else []
+    return items + [(sub, read_peft_adapter(os.path.join(directory, sub), model)) for sub in subs]
 
 
-def _as_qkv(cfg_qkv: dict, A: torch.Tensor, B: torch.Tensor, scaling: float):
-    """``(lora_A, lora_B)`` packed for a LoRAQKV config from PEFT's block form, or None if ``B`` has non-zero
-    entries outside the target blocks (then it is not a LoRAQKV adapter) or the shapes do not fit."""
-    r, targets, splits = cfg_qkv["r"], cfg_qkv["targets"], cfg_qkv["splits"]
-    if A.shape[0] != len(targets) * r or B.shape != (sum(splits), len(targets) * r):
-        return None
-    if not math.isclose(scaling_of(cfg_qkv), scaling, rel_tol=1e-6):
-        return None
-    offsets = {"q": 0, "k": splits[0], "v": splits[0] + splits[1]}
-    sizes = dict(zip("qkv", splits))
-    mask = torch.zeros_like(B, dtype=torch.bool)
-    blocks = []
-    for i, t in enumerate(targets):
-        rows = slice(offsets[t], offsets[t] + sizes[t])
-        mask[rows, i * r:(i + 1) * r] = True
-        blocks.append(B[rows, i * r:(i + 1) * r])
-    if bool((B[~mask] != 0).any()):
-        return None
-    return A, torch.cat(blocks, 0)
-
-
-def read_peft_dir(directory: str, model: nn.Module) -> Tuple[Dict[str, dict], Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-    """``(configs, tensors, extra)`` of a PEFT LoRA adapter directory, in lora_fused's checkpoint form; ``extra``
-    holds non-adapter weights PEFT saved (``modules_to_save`` heads, biases) under the model's own names."""
+def read_peft_adapter(directory: str, model: Optional[nn.Module] = None) -> AdapterData:
+    """One PEFT LoRA adapter directory in lora_fused's form; non-adapter weights (``modules_to_save`` heads,
+    trained biases) become ``extras`` under the model's own names."""
     where = f"load_lora({directory!r})"
     cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(cfg_path):
-        raise ValueError(f"{where}: not a PEFT adapter directory (no {CONFIG_NAME})")
     try:
         with open(cfg_path, "rb") as f:
             config = json.loads(f.read().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{where}: {CONFIG_NAME} is not valid JSON ({exc})") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise ValueError(f"{where}: {CONFIG_NAME} is not a PEFT LoRA config (peft_type={config.get('peft_type') if isinstance(config, dict) else None!r})")
-    bad = [k for k in _UNSUPPORTED if config.get(k)]
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        raise ValueError(f"{where}: {CONFIG_NAME} is not a PEFT LoRA config (peft_type={kind!r})")
+    bad = [k for k in PEFT_UNSUPPORTED if config.get(k)]
     if bad:
         raise ValueError(f"{where}: the adapter uses PEFT features lora_fused does not support: {bad}")
     if not os.path.isfile(w_path):
@@ -170,59 +146,68 @@ def read_peft_dir(directory: str, model: nn.Module) -> Tuple[Dict[str, dict], Di
                              "Re-save it with safe_serialization=True")
         raise ValueError(f"{where}: {WEIGHTS_NAME} is missing")
     raw, metadata = read_safetensors(w_path)
-    ours = {}
+    ours: Dict[str, AdapterSpec] = {}
     if META_MODULES in metadata:
         try:
-            ours = validate_configs(json.loads(metadata[META_MODULES]), where)
+            ours = validate_entries(json.loads(metadata[META_MODULES]), where)
         except (json.JSONDecodeError, ValueError):
             ours = {}
     use_rslora = bool(config.get("use_rslora", False))
-    dropout = config.get("lora_dropout", 0.0) or 0.0
-    default_alpha = config.get("lora_alpha", 8)
-    pairs, extra = {}, {}
+    dropout = float(config.get("lora_dropout", 0.0) or 0.0)
+    pairs, extras = {}, {}
     for key, tensor in raw.items():
         if not key.startswith(PREFIX):
             raise ValueError(f"{where}: unexpected key {key!r} (PEFT keys start with {PREFIX!r})")
         rest = key[len(PREFIX):]
         m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", rest)
         if m:
+            if tensor.dim() > 2:
+                raise ValueError(f"{where}: {m.group(1)!r} has a {tensor.dim()}-D {m.group(2)}: Conv LoRA is not "
+                                 "supported (only LoRA on nn.Linear)")
             pairs.setdefault(m.group(1), {})[m.group(2)] = tensor
         elif "lora_" in rest:
             raise ValueError(f"{where}: {key!r} is not a LoRA Linear weight (embedding/conv adapters are not supported)")
         else:
-            extra[rest] = tensor
+            extras[rest] = tensor
     if not pairs:
         raise ValueError(f"{where}: {WEIGHTS_NAME} holds no LoRA adapters")
-    model_modules = dict(model.named_modules())
-    configs, tensors = {}, {}
+    modules = NameMap(model) if model is not None else None
+    specs, tensors = {}, {}
     for name, ab in pairs.items():
         if set(ab) != {"lora_A", "lora_B"}:
             raise ValueError(f"{where}: {name!r} has {sorted(ab)} but needs both lora_A and lora_B")
         A, B = ab["lora_A"], ab["lora_B"]
         if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0] or A.shape[0] < 1:
-            raise ValueError(f"{where}: {name!r} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}: not a LoRA pair")
-        r = A.shape[0]
-        alpha = _peft_pattern_value(config.get("alpha_pattern"), name, default_alpha)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-            raise ValueError(f"{where}: bad lora_alpha {alpha!r} for {name!r}")
-        cfg = {"kind": "LoRALinear", "r": r, "lora_alpha": alpha, "lora_dropout": float(dropout),
-               "use_rslora": use_rslora, "targets": None, "splits": None,
-               "in_features": A.shape[1], "out_features": B.shape[0], "bias": True}
-        scaling = scaling_of(cfg)
-        # A LoRAQKV where the model has one (or where our metadata says it was one): undo the block form.
-        candidate = None
-        existing = model_modules.get(name)
-        if isinstance(existing, LoRAQKV):
-            candidate = module_config(existing)
-        elif name in ours and ours[name]["kind"] == "LoRAQKV":
-            candidate = dict(ours[name])
-        if candidate is not None:
-            packed = _as_qkv(candidate, A, B, scaling)
-            if packed is not None:
-                cfg = dict(candidate, lora_dropout=float(dropout))
-                A, B = packed
-        if name in ours and ours[name]["kind"] == cfg["kind"] and ours[name]["r"] == cfg["r"]:
-            cfg["lora_alpha"] = ours[name]["lora_alpha"]  # exact value, not the rescaled one
-        configs[name] = cfg
+            raise ValueError(f"{where}: {name!r} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}: "
+                             "not a LoRA pair")
+        key = pattern_key(config.get("alpha_pattern"), name, "alpha_pattern")
+        alpha = config["alpha_pattern"][key] if key is not None else config.get("lora_alpha", 8)
+        try:
+            spec = AdapterSpec(A.shape[1], B.shape[0], A.shape[0], alpha, dropout, use_rslora)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {name!r}: {exc}") from None
+        # our metadata (or the model's own LoRAQKV) tells the exact layout PEFT's form stands for
+        candidate = ours.get(name)
+        if candidate is None and modules is not None:
+            existing = modules.get(name)
+            if isinstance(existing, LoRAQKV) and existing.has_active_adapter():
+                candidate = existing.spec.with_(lora_dropout=dropout)
+        if candidate is not None and _same_function(candidate, spec):
+            packed = candidate.from_peft_B(B)
+            if packed is not None and tuple(A.shape) == candidate.a_shape:
+                spec, B = candidate, packed
+        specs[name] = spec
         tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = A, B
-    return configs, tensors, extra
+    saved = config.get("modules_to_save") or []
+    saved_modules = sorted({k.rsplit(".", 1)[0] for k in extras for item in saved
+                            if k.rsplit(".", 1)[0] == item or k.rsplit(".", 1)[0].endswith("." + item)})
+    return AdapterData(specs, tensors, saved_modules, extras)
+
+
+def _same_function(candidate: AdapterSpec, peft_spec: AdapterSpec) -> bool:
+    """Whether ``candidate`` (lora_fused's layout) written in PEFT's form has ``peft_spec``'s rank and scaling."""
+    rank, _ = candidate.peft_rank_alpha()
+    return rank == peft_spec.r and (peft_spec.in_features, peft_spec.out_features) == (
+        candidate.in_features, candidate.out_features) and math.isclose(candidate.scaling, peft_spec.scaling,
+                                                                        rel_tol=1e-6)
+

@@ -1,7 +1,7 @@
-"""Modules layer: drop-in ``nn.Linear`` subclasses with fused LoRA."""
+"""Modules layer: drop-in ``nn.Linear`` subclasses with fused LoRA and named adapters."""
 
-from .base import LoRABase
+from .base import LoRAAdapter, LoRABase
 from .lora_linear import LoRALinear
 from .lora_qkv import LoRAQKV
 
-__all__ = ["LoRABase", "LoRALinear", "LoRAQKV"]
+__all__ = ["LoRABase", "LoRAAdapter", "LoRALinear", "LoRAQKV"]

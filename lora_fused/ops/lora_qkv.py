@@ -10,61 +10,13 @@ It runs on the same registered op as :func:`~lora_fused.ops.lora_linear` (``lora
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 from torch import Tensor
 
 from .._errors import LoRAShapeError
+from ..spec import QKV_NAMES, normalize_splits, normalize_targets, qkv_lora_slices  # noqa: F401  (re-exported)
 from .lora_linear import lora_apply
-
-QKV_NAMES = ("q", "k", "v")
-
-
-def normalize_targets(targets: Union[str, Sequence[str]]) -> Tuple[str, ...]:
-    """``"qv"`` / ``["v", "q"]`` → ``("q", "v")`` (canonical q, k, v order). Raises ``ValueError`` for an
-    empty, unknown or repeated target."""
-    if isinstance(targets, str):
-        items = list(targets)
-    else:
-        try:
-            items = list(targets)
-        except TypeError:
-            raise ValueError(f"targets must be a string like 'qv' or a sequence of 'q'/'k'/'v', got {targets!r}")
-    if not items:
-        raise ValueError("targets must name at least one of 'q', 'k', 'v'; got an empty value")
-    bad = [t for t in items if t not in QKV_NAMES]
-    if bad:
-        raise ValueError(f"unknown qkv target(s) {bad!r}; targets must be a non-empty subset of 'q', 'k', 'v'")
-    if len(set(items)) != len(items):
-        raise ValueError(f"targets {targets!r} repeat a projection")
-    return tuple(t for t in QKV_NAMES if t in items)
-
-
-def normalize_splits(splits: Optional[Sequence[int]], out_features: int) -> Tuple[int, int, int]:
-    """``(q_out, k_out, v_out)``; default three equal parts. Raises ``ValueError`` when they do not sum
-    to ``out_features`` or are not three positive integers."""
-    if splits is None:
-        if out_features % 3:
-            raise ValueError(
-                f"out_features={out_features} is not divisible by 3; pass splits=(q_out, k_out, v_out)"
-            )
-        return (out_features // 3,) * 3
-    splits = tuple(int(s) for s in splits)
-    if len(splits) != 3 or any(s <= 0 for s in splits):
-        raise ValueError(f"splits must be three positive sizes (q_out, k_out, v_out), got {splits}")
-    if sum(splits) != out_features:
-        raise ValueError(f"splits {splits} sum to {sum(splits)}, not out_features={out_features}")
-    return splits
-
-
-def qkv_lora_slices(splits: Sequence[int], targets: Sequence[str]) -> list:
-    """Flat ``[off_0, n_0, off_1, n_1, …]`` output columns of each target, in ``targets`` order."""
-    offsets = {"q": 0, "k": splits[0], "v": splits[0] + splits[1]}
-    sizes = dict(zip(QKV_NAMES, splits))
-    out = []
-    for t in targets:
-        out += [offsets[t], sizes[t]]
-    return out
 
 
 def lora_qkv(
