@@ -175,6 +175,11 @@ def make_extension(sources, archs):
                 break
     # Archs as one preprocessor token ("90a;80" -> 90a_80): no quotes or ';' to survive the ninja/shell round trip.
     archs_define = f"-DLORA_FUSED_ARCHS={'_'.join(arch_list)}"
+    # The sm_90a GEMMs run only on sm_90a; every other arch runs the sm_80 family (compiled as stubs when unused).
+    family_defines = [
+        f"-DLORA_FUSED_SM90_GEMMS={int('90a' in arch_list)}",
+        f"-DLORA_FUSED_SM80_GEMMS={int(any(a != '90a' for a in arch_list))}",
+    ]
     print(f"lora_fused: building the CUDA extension for sm_{', sm_'.join(arch_list)} with CUTLASS {cutlass_version} "
           f"from {cutlass_origin} ({cutlass_inc})")
     ext = CUDAExtension(
@@ -185,7 +190,7 @@ def make_extension(sources, archs):
         extra_compile_args={
             # -g0: Python's sysconfig adds -g, which makes the torch-header-heavy binding slower to compile.
             "cxx": ["-O3", "-g0", archs_define],
-            "nvcc": NVCC_FLAGS + [archs_define] + gencode_flags(archs),
+            "nvcc": NVCC_FLAGS + [archs_define] + family_defines + gencode_flags(archs),
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -315,9 +315,12 @@ std::vector<std::optional<at::Tensor>> backward(const at::Tensor& grad_y, const 
   }
 
   // 1. dh' = s g B / (1-p) (M x R8, padding zeroed) and dB, from one read of g.
-  at::Tensor dh = need_dh ? at::empty({M, R8}, grad_y.options()) : at::Tensor();
-  at::Tensor dB_out = need_dbl ? at::empty_like(lora_B) : at::Tensor();
   const lf::DhDbPlan hplan = lf::plan_dh_db(M, ad.sl, r, info.sms);
+  // Targets that own no output column (an empty slice) leave dh' = 0; the kernel only visits owned columns.
+  at::Tensor dh = !need_dh ? at::Tensor()
+                  : hplan.jb_total < ad.sl.ntgt ? at::zeros({M, R8}, grad_y.options())
+                                                : at::empty({M, R8}, grad_y.options());
+  at::Tensor dB_out = need_dbl ? at::empty_like(lora_B) : at::Tensor();
   at::Tensor ws_dh = need_dh && hplan.jb_max > 1 ? f32_workspace(int64_t{hplan.jb_max} * M * R, grad_y) : at::Tensor();
   at::Tensor ws_db = need_dbl && hplan.m_blocks > 1 ? f32_workspace(int64_t{hplan.m_blocks} * ad.NB * r, grad_y)
                                                      : at::Tensor();

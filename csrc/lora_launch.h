@@ -43,10 +43,21 @@ struct GemmArgs {
 };
 
 // Explicitly instantiated, one (dtype, direction) per translation unit so that ninja builds them in parallel.
+// A build whose arch list has no use for one family (csrc_build.py sets LORA_FUSED_SM90_GEMMS /
+// LORA_FUSED_SM80_GEMMS to 0) compiles that family's units as stubs: CuTe's host-side templates cost ~25 s per
+// unit even when the device code is compiled out, and the binding never calls a family the build has no code for.
 template <DType D, bool kDx>
 cudaError_t gemm_sm90(const GemmArgs& args, cudaStream_t stream);
 template <DType D, bool kDx>
 cudaError_t gemm_sm80(const GemmArgs& args, cudaStream_t stream);
+
+#define LORA_FUSED_GEMM_NOT_BUILT(FN, DT, DX)                                          \
+  namespace lora_fused {                                                               \
+  template <>                                                                          \
+  cudaError_t FN<DT, DX>(const GemmArgs&, cudaStream_t) {                             \
+    return cudaErrorNotSupported;                                                      \
+  }                                                                                    \
+  }
 
 // ---- small kernels (sm80+, both archs)
 // Forward kernel 1: h = x_hat A^T (M x R) into h (ld ldh) and, when h_pad != null, into h_pad (ld ldh_pad, the

@@ -188,7 +188,7 @@ struct Gemm {
     Tensor gD = local_tile(p.tma_d.get_tma_tensor(make_shape(p.M, p.N)), Shape<_64, _64>{}, make_coord(_, _));
     auto td = p.tma_d.get_slice(0);
     Tensor tDgD = td.partition_D(gD);  // (TMA, TMA_M, TMA_N, m64, n64)
-    int epi = 0;                        // sub-tiles stored so far (buffer = epi % 2)
+    int epi = 0;                        // sub-tiles this warpgroup has stored (buffer = epi % 2)
 
     FragKeep<Sm90Acc> keep, keep_next;
     const uint64_t seed = kDx ? load_seed(p.drop) : 0ull;

@@ -248,6 +248,28 @@ def test_dropout_same_mask_forward_backward_and_reproducible():
     assert (dx[keep] != 0).float().mean() > 0.9
 
 
+def test_dropout_scaling_in_bf16():
+    """h, dA and the low-rank part of dx carry exactly one 1/(1-p): checked against the same kernels at p = 0 on
+    the masked input, so the check does not depend on the bf16 tolerance (which a missing 1/(1-p) = 1.11 fits)."""
+    be = _backend()
+    dtype = torch.bfloat16
+    M, K, N, r, p = 256, 128, 64, 16, 0.1
+    x, W, b, A, B = _tensors(M, K, N, r, dtype)
+    Wz = torch.zeros_like(W)  # dx is then the masked low-rank term alone
+    g = torch.randn(M, N, device=DEVICE).to(dtype)
+    keep = be.keep_mask(_seed(21), M, K, p)
+    xm = x * keep.to(dtype)
+    inv = 1.0 / (1.0 - p)
+    _, h_p = be.forward(x, Wz, b, A, B, 1.0, p, _seed(21), [0, N])
+    _, h_0 = be.forward(xm, Wz, b, A, B, 1.0, 0.0, None, [0, N])
+    needs = [True, False, False, True, False]
+    dx_p, _, _, dA_p, _ = be.backward(g, x, Wz, A, B, h_p, 1.0, p, _seed(21), [0, N], needs)
+    dx_0, _, _, dA_0, _ = be.backward(g, xm, Wz, A, B, h_0, 1.0, 0.0, None, [0, N], needs)
+    for name, got, base in (("h", h_p, h_0), ("dA", dA_p, dA_0), ("dx", dx_p, dx_0 * keep.to(dtype))):
+        ratio = (got.double() * base.double()).sum() / (base.double() ** 2).sum()
+        assert abs(ratio.item() - inv) < 0.01, f"{name}: scale {ratio.item():.4f}, expected 1/(1-p) = {inv:.4f}"
+
+
 def test_seeds_differ_including_the_high_32_bits():
     be = _backend()
     a, c = be.keep_mask(_seed(2024), 40, 70, 0.3), be.keep_mask(_seed(2025), 40, 70, 0.3)
