@@ -147,9 +147,10 @@ def make_extension(sources, archs):
     """``([CUDAExtension], {"build_ext": BuildExtension})`` for ``lora_fused._C``; raises if torch, nvcc or CUTLASS
     is missing."""
     arch_list = parse_archs(archs)
-    cutlass_inc, cutlass_util, cutlass_version, cutlass_origin = find_cutlass()
     _locate_cuda_home()
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+
+    cutlass_inc, cutlass_util, cutlass_version, cutlass_origin = find_cutlass()
 
     if CUDA_HOME is None or not _has_cuda_headers(CUDA_HOME):
         raise RuntimeError(f"no CUDA toolkit with headers found (CUDA_HOME={CUDA_HOME!r}); set CUDA_HOME")
