@@ -80,6 +80,27 @@ __device__ __forceinline__ void mask8_smem(T* p, uint32_t bits) {
 
 using FragAcc = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
 
+template <int N>
+__device__ __forceinline__ void zero_frags(FragAcc (&f)[N]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) nvcuda::wmma::fill_fragment(f[j], 0.f);
+}
+template <int N1, int N2>
+__device__ __forceinline__ void zero_frags(FragAcc (&f)[N1][N2]) {
+#pragma unroll
+  for (int i = 0; i < N1; ++i) zero_frags(f[i]);
+}
+
+// Issues the first kStages - 1 chunk loads (one cp.async group each, empty past n_chunks).
+template <class Load>
+__device__ __forceinline__ void pipeline_prologue(Load& load, int n_chunks) {
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n_chunks) load(s, s);
+    cp_async_commit();
+  }
+}
+
 // Loads 64 rows x 64 columns of a row-major matrix into a kLd-strided smem chunk: 4 vectors of 8 per thread.
 // Rows >= row_end or columns >= col_end are zero. vec: rows are 16-byte aligned and col0 % 8 == 0, so each
 // vector is one cp.async (col_end is then a multiple of 8 or the vector is partly outside: see `exact`);
@@ -179,14 +200,8 @@ __global__ void __launch_bounds__(kThreads, 1) down_kernel(const DownParams<T> p
   };
 
   FragAcc acc[RB / 16];
-#pragma unroll
-  for (int j = 0; j < RB / 16; ++j) wmma::fill_fragment(acc[j], 0.f);
-
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < nch) load(s, s);
-    cp_async_commit();
-  }
+  zero_frags(acc);
+  pipeline_prologue(load, nch);
   for (int c = 0; c < nch; ++c) {
     cp_async_wait<kStages - 2>();
     const int st = c % kStages;
@@ -313,24 +328,16 @@ __global__ void __launch_bounds__(kThreads) dh_db_kernel(const DhDbParams<T> p) 
                p.vec);
   };
   const int n_it = n_rs * S::kNCH;
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_it) load(s, s);
-    cp_async_commit();
-  }
+  pipeline_prologue(load, n_it);
 
   FragAcc dacc[RB / 16];
   FragAcc bacc[S::kNCH][RB / 16];
-#pragma unroll
-  for (int c = 0; c < S::kNCH; ++c)
-#pragma unroll
-    for (int j = 0; j < RB / 16; ++j) wmma::fill_fragment(bacc[c][j], 0.f);
+  zero_frags(bacc);
 
   for (int rs = 0; rs < n_rs; ++rs) {
     const int row0 = r0 + rs * kSmallRows;
     T* H = Hs + (rs & 1) * kSmallRows * S::kLdR;
-#pragma unroll
-    for (int j = 0; j < RB / 16; ++j) wmma::fill_fragment(dacc[j], 0.f);
+    zero_frags(dacc);
 #pragma unroll
     for (int ch = 0; ch < S::kNCH; ++ch) {
       const int it = rs * S::kNCH + ch;
@@ -476,17 +483,10 @@ __global__ void __launch_bounds__(kThreads) da_kernel(const DaParams<T> p) {
     load_chunk(Xs + st * kSmallRows * kLd, p.x, p.ldx, r0 + rs * kSmallRows, r1, k0 + ch * kSmallChunk, k1, true);
   };
   const int n_it = n_rs * S::kNCH;
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < n_it) load(s, s);
-    cp_async_commit();
-  }
+  pipeline_prologue(load, n_it);
 
   FragAcc acc[S::kNCH][RB / 16];
-#pragma unroll
-  for (int c = 0; c < S::kNCH; ++c)
-#pragma unroll
-    for (int j = 0; j < RB / 16; ++j) wmma::fill_fragment(acc[c][j], 0.f);
+  zero_frags(acc);
 
   for (int rs = 0; rs < n_rs; ++rs) {
     const int row0 = r0 + rs * kSmallRows;

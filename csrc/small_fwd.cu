@@ -43,8 +43,11 @@ __global__ void pack_b_kernel(const T* B, T* Bp, int64_t ldbp, int N, int R, int
     const int n = static_cast<int>(e / R8), j = static_cast<int>(e % R8);
     float v = 0.f;
     const int t = j / r;
-    if (j < R && t < sl.ntgt && n >= sl.off[t] && n < sl.off[t] + sl.cnt[t])
-      v = s * to_f<T>(B[static_cast<int64_t>(sl.boff[t] + n - sl.off[t]) * r + (j - t * r)]);
+#pragma unroll
+    for (int tt = 0; tt < kMaxTargets; ++tt) {  // static indices: the slice table stays in registers
+      if (tt == t && j < R && tt < sl.ntgt && n >= sl.off[tt] && n < sl.off[tt] + sl.cnt[tt])
+        v = s * to_f<T>(B[static_cast<int64_t>(sl.boff[tt] + n - sl.off[tt]) * r + (j - tt * r)]);
+    }
     Bp[static_cast<int64_t>(n) * ldbp + j] = from_f<T>(v);
   }
 }

@@ -6,24 +6,13 @@
 //   nvcc -std=c++17 --expt-relaxed-constexpr -I csrc -I <cutlass>/include csrc/tests/test_layouts.cu -o t && ./t
 #include <cstdio>
 
+#include "check.h"
 #include "sm80_gemm.cuh"
 #include "sm90_gemm.cuh"
 
 using namespace cute;
 using namespace lora_fused;
 
-static int g_checks = 0, g_failures = 0;
-#define CHECK(cond, ...)                                                      \
-  do {                                                                        \
-    ++g_checks;                                                               \
-    if (!(cond)) {                                                            \
-      if (++g_failures <= 20) {                                               \
-        std::printf("FAIL %s:%d: %s | ", __FILE__, __LINE__, #cond);          \
-        std::printf(__VA_ARGS__);                                             \
-        std::printf("\n");                                                    \
-      }                                                                       \
-    }                                                                         \
-  } while (0)
 
 template <class TiledMma, class Acc, int BM, int BN>
 void check_acc_map(const char* name) {
@@ -66,10 +55,5 @@ int main() {
   check_sm80<sm80::Gemm<cutlass::bfloat16_t, true>>("sm80 dx bf16");
   check_sm80<sm80::Gemm<cutlass::half_t, false>>("sm80 fwd fp16");
   check_sm80<sm80::Gemm<cutlass::half_t, true>>("sm80 dx fp16");
-  if (g_failures) {
-    std::printf("%d of %d checks failed\n", g_failures, g_checks);
-    return 1;
-  }
-  std::printf("all %d checks passed\n", g_checks);
-  return 0;
+  return check_summary();
 }

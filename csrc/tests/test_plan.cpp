@@ -9,25 +9,11 @@
 #include <utility>
 #include <vector>
 
+#include "check.h"
 #include "lora_philox.cuh"
 #include "lora_plan.h"
 
 using namespace lora_fused;
-
-static int g_checks = 0, g_failures = 0;
-
-#define CHECK(cond, ...)                                   \
-  do {                                                     \
-    ++g_checks;                                            \
-    if (!(cond)) {                                         \
-      ++g_failures;                                        \
-      if (g_failures <= 30) {                              \
-        std::printf("FAIL %s:%d: %s | ", __FILE__, __LINE__, #cond); \
-        std::printf(__VA_ARGS__);                          \
-        std::printf("\n");                                 \
-      }                                                    \
-    }                                                      \
-  } while (0)
 
 static Slices make_slices(std::vector<std::pair<int, int>> s) {
   Slices sl{};
@@ -288,10 +274,5 @@ int main() {
   test_frag_mask<Sm90Acc>("sm90 mask", 42, 32768, 384, 4096 + 256);
   test_frag_mask<Sm80Acc>("sm80 mask", 0x9E3779B97F4A7C15ull, 6554, 128, 512);
   test_frag_mask<Sm80Acc>("sm80 mask", 7, 60000, 0, 0);
-  if (g_failures) {
-    std::printf("%d of %d checks failed\n", g_failures, g_checks);
-    return 1;
-  }
-  std::printf("all %d checks passed\n", g_checks);
-  return 0;
+  return check_summary();
 }
