@@ -96,8 +96,9 @@ void check_on(const at::Tensor& t, const at::Tensor& ref, const char* name) {
 // The big operands are streamed by TMA / 16-byte cp.async: contiguous, 16-byte aligned rows (the backend
 // copies a tensor that is not, and says why, before calling in).
 void check_rows(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(lf::rows_16b_aligned(reinterpret_cast<uint64_t>(t.data_ptr()), t.stride(0), t.stride(1),
-                                   static_cast<int>(t.element_size())),
+  TORCH_CHECK(t.stride(0) >= t.size(1) &&
+                  lf::rows_16b_aligned(reinterpret_cast<uint64_t>(t.data_ptr()), t.stride(0), t.stride(1),
+                                       static_cast<int>(t.element_size())),
               "lora_fused CUDA: ", name, " needs contiguous rows with a 16-byte aligned start and row stride (got ",
               "strides ", t.strides(), ")");
 }

@@ -132,6 +132,7 @@ def test_rows_in_place():
     assert not cuda_backend.rows_in_place(base[:, 1:65])  # starts 2 bytes into a row
     assert not cuda_backend.rows_in_place(base.t())  # transposed: columns are not contiguous
     assert not cuda_backend.rows_in_place(torch.zeros(16, 36, dtype=torch.float16))  # 72-byte rows
+    assert not cuda_backend.rows_in_place(torch.zeros(1, 64, dtype=torch.float16).expand(16, 64))  # aliased rows
 
 
 def test_unaligned_operand_is_copied_with_one_warning(monkeypatch):

@@ -7,9 +7,9 @@ whose arch the extension was built for; float16 or bfloat16 (float32/float64 go 
 ``"auto"``); in_features and out_features multiples of 8 (16-byte rows for TMA / cp.async); per-target rank ``r``
 in 1..128; at most 3 targets (q, k, v); sizes below 2**31.
 
-Strides: ``x``, ``weight`` and ``grad_y`` are read in place when their rows are contiguous and start on 16-byte
-boundaries (any row stride that keeps them there, e.g. a column slice of a wider tensor); any other layout
-(transposed, odd offsets) is copied to a contiguous tensor once per call, with a one-time warning naming the
+Strides: ``x``, ``weight`` and ``grad_y`` are read in place when their rows are contiguous, do not overlap and start
+on 16-byte boundaries (any row stride that keeps them there, e.g. a column slice of a wider tensor); any other
+layout (transposed, expanded, odd offsets) is copied to a contiguous tensor once per call, with a one-time warning naming the
 operand, because the kernels stream whole 16-byte row segments. The small adapters and the bias are made
 contiguous (a no-op for parameters).
 
@@ -69,9 +69,9 @@ def _arch_reason(index: int) -> Optional[str]:
 
 
 def rows_in_place(t: torch.Tensor) -> bool:
-    """Whether the kernels can stream the 2-D tensor ``t`` without a copy: contiguous rows, 16-byte aligned start
-    and row stride (what TMA descriptors and 16-byte cp.async require)."""
-    if t.dim() != 2 or t.stride(1) != 1:
+    """Whether the kernels can stream the 2-D tensor ``t`` without a copy: contiguous, non-overlapping rows with
+    a 16-byte aligned start and row stride (what TMA descriptors and 16-byte cp.async require)."""
+    if t.dim() != 2 or t.stride(1) != 1 or t.stride(0) < t.shape[1]:
         return False
     size = t.element_size()
     return t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0
