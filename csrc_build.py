@@ -178,8 +178,8 @@ def make_extension(sources, archs):
     archs_define = f"-DLORA_FUSED_ARCHS={'_'.join(arch_list)}"
     # The sm_90a GEMMs run only on sm_90a; every other arch runs the sm_80 family (compiled as stubs when unused).
     family_defines = [
-        f"-DLORA_FUSED_SM90_GEMMS={int('90a' in arch_list)}",
-        f"-DLORA_FUSED_SM80_GEMMS={int(any(a != '90a' for a in arch_list))}",
+        f"-DLF_BUILD_SM90_GEMMS={int('90a' in arch_list)}",
+        f"-DLF_BUILD_SM80_GEMMS={int(any(a != '90a' for a in arch_list))}",
     ]
     print(f"lora_fused: building the CUDA extension for sm_{', sm_'.join(arch_list)} with CUTLASS {cutlass_version} "
           f"from {cutlass_origin} ({cutlass_inc})")

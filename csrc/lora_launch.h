@@ -43,15 +43,15 @@ struct GemmArgs {
 };
 
 // Explicitly instantiated, one (dtype, direction) per translation unit so that ninja builds them in parallel.
-// A build whose arch list has no use for one family (csrc_build.py sets LORA_FUSED_SM90_GEMMS /
-// LORA_FUSED_SM80_GEMMS to 0) compiles that family's units as stubs: CuTe's host-side templates cost ~25 s per
+// A build whose arch list has no use for one family (csrc_build.py sets LF_BUILD_SM90_GEMMS /
+// LF_BUILD_SM80_GEMMS to 0) compiles that family's units as stubs: CuTe's host-side templates cost ~25 s per
 // unit even when the device code is compiled out, and the binding never calls a family the build has no code for.
 template <DType D, bool kDx>
 cudaError_t gemm_sm90(const GemmArgs& args, cudaStream_t stream);
 template <DType D, bool kDx>
 cudaError_t gemm_sm80(const GemmArgs& args, cudaStream_t stream);
 
-#define LORA_FUSED_GEMM_NOT_BUILT(FN, DT, DX)                                          \
+#define LF_GEMM_NOT_BUILT(FN, DT, DX)                                          \
   namespace lora_fused {                                                               \
   template <>                                                                          \
   cudaError_t FN<DT, DX>(const GemmArgs&, cudaStream_t) {                             \

@@ -435,7 +435,7 @@ cudaError_t launch(const GemmArgs& a, cudaStream_t stream) {
 }  // namespace lora_fused
 
 // One explicit instantiation per translation unit (csrc/sm90_{fwd,dx}_{bf16,fp16}.cu).
-#define LORA_FUSED_SM90_INSTANTIATE(DT, DX)                                                             \
+#define LF_SM90_INSTANTIATE(DT, DX)                                                             \
   namespace lora_fused {                                                                                \
   template <>                                                                                           \
   cudaError_t gemm_sm90<DT, DX>(const GemmArgs& args, cudaStream_t stream) {                           \
