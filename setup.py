@@ -3,12 +3,15 @@
 Environment flags:
   LORA_FUSED_SKIP_CUDA=1     never build the CUDA extension.
   LORA_FUSED_FORCE_CUDA=1    build it even where nvcc/GPU detection says no, and fail loudly if it fails.
-  LORA_FUSED_CUDA_ARCHS      ';'-separated archs, default "80;90a" (e.g. "90a" for H100/H200 only).
+  LORA_FUSED_CUDA_ARCHS      ';'-separated archs, default "90a;80" (e.g. "90a" for H100/H200 only).
+  LORA_FUSED_CUTLASS_DIR     CUTLASS headers to build with (a checkout or an unpacked nvidia-cutlass wheel);
+                             default: the installed nvidia-cutlass wheel.
   MAX_JOBS                   parallel ninja jobs.
 
-The extension needs torch importable at build time (a CUDA build of torch, and nvcc):
-``LORA_FUSED_FORCE_CUDA=1 pip install --no-build-isolation -e .``. Without it the package installs pure Python
-(torch and Triton backends) and ``python -m lora_fused.info`` says why the CUDA backend is absent.
+The extension needs torch importable at build time (a CUDA build of torch), nvcc and the CUTLASS headers:
+``pip install nvidia-cutlass && LORA_FUSED_FORCE_CUDA=1 pip install --no-build-isolation -e .``. Without them the
+package installs pure Python (torch and Triton backends) and ``python -m lora_fused.info`` says why the CUDA
+backend is absent.
 """
 
 import glob
@@ -20,9 +23,12 @@ import warnings
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from csrc_build import DEFAULT_ARCHS  # noqa: E402  (kept beside setup.py; imports only the standard library)
+
 SKIP_CUDA = os.environ.get("LORA_FUSED_SKIP_CUDA", "0") == "1"
 FORCE_CUDA = os.environ.get("LORA_FUSED_FORCE_CUDA", "0") == "1"
-CUDA_ARCHS = os.environ.get("LORA_FUSED_CUDA_ARCHS", "80;90a")
+CUDA_ARCHS = os.environ.get("LORA_FUSED_CUDA_ARCHS", DEFAULT_ARCHS)
 
 
 def _version():
@@ -32,29 +38,22 @@ def _version():
     return scope["__version__"]
 
 
-def _gencode_flags(archs):
-    flags = []
-    for arch in [a.strip() for a in archs.replace(",", ";").split(";") if a.strip()]:
-        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-    return flags
-
-
 def cuda_extension():
     """``(ext_modules, cmdclass)`` for the CUDA extension, or empty when it is skipped or cannot build."""
     if SKIP_CUDA:
         return [], {}
     if not FORCE_CUDA and shutil.which("nvcc") is None:
         return [], {}
-    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
-    sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    # The kernels and the binding; csrc/tests/ holds host-side test programs, not part of the extension.
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cu"))) + sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not sources:
         if FORCE_CUDA:
             raise RuntimeError("LORA_FUSED_FORCE_CUDA=1 but csrc/ has no sources")
         return [], {}
     try:
-        from csrc_build import make_extension  # noqa: E402  (kept beside setup.py)
+        from csrc_build import make_extension  # noqa: E402
 
-        return make_extension(sources, _gencode_flags(CUDA_ARCHS), CUDA_ARCHS)
+        return make_extension(sources, CUDA_ARCHS)
     except Exception as exc:  # noqa: BLE001
         if FORCE_CUDA:
             raise
@@ -68,7 +67,6 @@ def cuda_extension():
         return [], {}
 
 
-sys.path.insert(0, HERE)
 ext_modules, cmdclass = cuda_extension()
 
 setup(
@@ -95,7 +93,7 @@ setup(
             "ruff>=0.5", "segment-anything>=1.0",
         ],
         "bench": ["matplotlib>=3.5", "tqdm>=4", "peft>=0.10", "pytest-benchmark>=4", "triton>=3.0"],
-        "build": ["pybind11>=2.10", "ninja>=1.10"],
+        "build": ["pybind11>=2.10", "ninja>=1.10", "nvidia-cutlass>=4.2"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -5,8 +5,16 @@
 #   bash benchmarks/gpu_check.sh --dry-run                                          # here, on CPU, tiny shapes
 #
 # Options: --dry-run (same as --device cpu: CPU, tiny shapes, no build), --no-build, --no-tests, --no-train.
-# Stage time limits (seconds, env): GC_BUILD_S=150 GC_TEST_S=90 GC_SUITE_S=210 GC_TRAIN_S=45 (worst case 8.3 min;
+# Stage time limits (seconds, env): GC_BUILD_S=240 GC_TEST_S=90 GC_SUITE_S=210 GC_TRAIN_S=45 (worst case 9.8 min;
 # expected well under that on an H100). Each stage may fail or time out: the script logs it and goes on.
+#
+# CUTLASS on the GPU machines (no package registry there): the build needs the nvidia-cutlass headers. Carry the
+# wheel (pure Python, ~6 MB) from here:
+#     echo /.whl/ >> .git/info/exclude
+#     python3 -m pip download --no-deps --only-binary=:all: -d .whl nvidia-cutlass==4.2.0
+# and name ".whl" in the device call's `carry`. Stage 1 unzips .whl/nvidia_cutlass-*.whl into a temporary folder
+# and points LORA_FUSED_CUTLASS_DIR at it (nothing is installed); an installed nvidia-cutlass or a
+# LORA_FUSED_CUTLASS_DIR set by the caller (a CUTLASS checkout) is used as it is.
 #
 # Stages:
 #   1. build the CUDA extension: LORA_FUSED_FORCE_CUDA=1 LORA_FUSED_CUDA_ARCHS=90a pip install --no-build-isolation
@@ -39,7 +47,7 @@ while [ $# -gt 0 ]; do
 done
 
 PY=${PYTHON:-python3}
-GC_BUILD_S=${GC_BUILD_S:-150}
+GC_BUILD_S=${GC_BUILD_S:-240}
 GC_TEST_S=${GC_TEST_S:-90}
 GC_SUITE_S=${GC_SUITE_S:-210}
 GC_TRAIN_S=${GC_TRAIN_S:-45}
@@ -75,6 +83,21 @@ log "commit $LORA_FUSED_COMMIT"
 
 # 1. build --------------------------------------------------------------------------------------------------------
 if [ "$BUILD" = 1 ]; then
+  if [ -z "${LORA_FUSED_CUTLASS_DIR:-}" ] && \
+     ! $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)" 2>/dev/null; then
+    CUTLASS_WHEEL=$(ls .whl/nvidia_cutlass-*.whl 2>/dev/null | head -n 1)
+    if [ -n "$CUTLASS_WHEEL" ]; then
+      CUTLASS_TMP=$(mktemp -d)
+      if $PY -m zipfile -e "$CUTLASS_WHEEL" "$CUTLASS_TMP"; then
+        export LORA_FUSED_CUTLASS_DIR="$CUTLASS_TMP"
+        log "CUTLASS headers from the carried wheel $CUTLASS_WHEEL (LORA_FUSED_CUTLASS_DIR=$CUTLASS_TMP)"
+      else
+        log "could not unzip $CUTLASS_WHEEL"
+      fi
+    else
+      log "no CUTLASS headers here: carry the nvidia-cutlass wheel in .whl/ (see the top of this script)"
+    fi
+  fi
   log "building the CUDA extension (limit ${GC_BUILD_S}s)"
   TB=$(date +%s)
   if timeout "$GC_BUILD_S" env LORA_FUSED_FORCE_CUDA=1 LORA_FUSED_CUDA_ARCHS=90a MAX_JOBS=${MAX_JOBS:-16} \

@@ -19,8 +19,8 @@ try:
     CUDA_EXT_AVAILABLE = True
 except ModuleNotFoundError:
     CUDA_EXT_ERROR = (
-        "the CUDA extension lora_fused._C is not built (it needs nvcc at install time: "
-        "LORA_FUSED_FORCE_CUDA=1 pip install --no-build-isolation -e .)"
+        "the CUDA extension lora_fused._C is not built (it needs nvcc and the CUTLASS headers at install time: "
+        "pip install nvidia-cutlass && LORA_FUSED_FORCE_CUDA=1 pip install --no-build-isolation -e .)"
     )
 except ImportError as exc:  # built for another torch / CUDA runtime
     CUDA_EXT_ERROR = (

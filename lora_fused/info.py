@@ -33,9 +33,14 @@ def collect() -> dict:
         "CUDA extension": "loaded" if _cuda_ext.CUDA_EXT_AVAILABLE else f"not loaded: {_cuda_ext.CUDA_EXT_ERROR}",
         "default backend": lora_fused.get_backend(),
     }
-    ext_archs = getattr(_cuda_ext._C, "built_archs", None) if _cuda_ext._C is not None else None
-    if ext_archs:
-        info["CUDA extension archs"] = ext_archs() if callable(ext_archs) else str(ext_archs)
+    ext = _cuda_ext._C
+    if ext is not None:
+        archs = getattr(ext, "built_archs", None)
+        if archs is not None:
+            info["CUDA extension archs"] = archs() if callable(archs) else str(archs)
+        cutlass = getattr(ext, "cutlass_version", None)
+        if cutlass is not None:
+            info["CUTLASS"] = cutlass() if callable(cutlass) else str(cutlass)
     info["backends"] = describe_backends()
     return info
 

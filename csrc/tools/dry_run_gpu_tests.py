@@ -67,23 +67,32 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slic
 
 
 def backward(grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, lora_slices, needs):
+    assert x is not None or not (needs[1] or needs[3]), "x is needed for dA and dW"
+    assert h is not None or not needs[4], "h is needed for dB"
     r = lora_B.shape[1]
+    M, K = grad_y.shape[0], weight.shape[1]
     g = grad_y.float()
-    dh = torch.zeros(x.shape[0], lora_A.shape[0])
+    dh = torch.zeros(M, lora_A.shape[0])
     dB = torch.zeros(lora_B.shape)
     for t, off, n, boff in _slices(lora_slices):
         dh[:, t * r:(t + 1) * r] = scaling * g[:, off:off + n] @ lora_B[boff:boff + n].float()
-        dB[boff:boff + n] = scaling * g[:, off:off + n].t() @ h[:, t * r:(t + 1) * r].float()
-    dh = dh.to(x.dtype).float()
-    keep = _keep(seed, x, dropout_p) if (needs[0] or needs[3]) and x.shape[0] else None
+        if needs[4]:
+            dB[boff:boff + n] = scaling * g[:, off:off + n].t() @ h[:, t * r:(t + 1) * r].float()
+    keep = None
+    if dropout_p > 0 and (needs[0] or needs[3]) and M:
+        keep = philox_keep(int(seed.reshape(-1)[0].item()), M, K, dropout_p)
     inv = 1 / (1 - dropout_p) if keep is not None else 1.0
-    low = dh @ lora_A.float() * inv
-    dx = (g @ weight.float() + (low if keep is None else low * keep)).to(x.dtype) if needs[0] else None
-    xk = x.float() if keep is None else x.float() * keep
-    dA = (dh.t() @ xk * inv).to(x.dtype) if needs[3] else None
-    dW = (g.t() @ x.float()).to(x.dtype) if needs[1] else None
-    db = g.sum(0).to(x.dtype) if needs[2] else None
-    return [dx, dW, db, dA, dB.to(x.dtype) if needs[4] else None]
+    dh = (dh * inv).to(grad_y.dtype).float()  # dh' = dh / (1-p), rounded to the input dtype like the kernels
+    low = dh @ lora_A.float()
+    dx = (g @ weight.float() + (low if keep is None else low * keep)).to(grad_y.dtype) if needs[0] else None
+    if needs[3]:
+        xk = x.float() if keep is None else x.float() * keep
+        dA = (dh.t() @ xk).to(grad_y.dtype)
+    else:
+        dA = None
+    dW = (g.t() @ x.float()).to(grad_y.dtype) if needs[1] else None
+    db = g.sum(0).to(grad_y.dtype) if needs[2] else None
+    return [dx, dW, db, dA, dB.to(grad_y.dtype) if needs[4] else None]
 
 
 def keep_mask(seed, M, K, p):
@@ -96,6 +105,7 @@ def main(argv):
     fake = types.ModuleType("lora_fused._C")
     fake.forward, fake.backward, fake.keep_mask = forward, backward, keep_mask
     fake.built_archs = lambda: ["dry-run"]
+    fake.cutlass_version = lambda: "dry-run"
     fake.max_rank, fake.max_targets = 128, 3
     sys.modules["lora_fused._C"] = fake
     os.environ["LORA_FUSED_CUDA_TEST_DEVICE"] = "cpu"
