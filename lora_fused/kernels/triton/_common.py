@@ -9,7 +9,9 @@ Dropout RNG (used by every kernel that touches the mask, so forward and backward
 
 The mask is a pure function of ``(seed, row, col)`` (not of the tile shape, the kernel or the launch), so any
 kernel can regenerate any tile's mask without coordinating offsets, and one Philox call yields 8 keep
-decisions. ``p`` is quantized to a multiple of 1/65536 (|error| ≤ 7.7e-6); kept values are scaled by the exact
+decisions, packed into a byte (``keep_bits``) where they are generated; consumers unpack the bytes in their own
+layout (``keep_tile``) or, in an MMA accumulator's layout, receive them as packed words (``keep_tile_mma``), so
+every decision is generated once per kernel. ``p`` is quantized to a multiple of 1/65536 (|error| ≤ 7.7e-6); kept values are scaled by the exact
 ``1/(1-p)``. Counters are 32-bit per coordinate: rows < 2³² and columns < 2³⁵, so no wrap-around in practice.
 """
 
