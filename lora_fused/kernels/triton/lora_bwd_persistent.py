@@ -113,21 +113,15 @@ def _join_cols(lo, hi, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 def _dx_prologue(x_desc, a_ptr, da_ptr, seed, dhv, rows, m0, k0, pid_m, K, TR, stride_am, threshold,
                  HAS_DROPOUT: tl.constexpr, DO_DA: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PREC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EPI_SPLIT: tl.constexpr, BLOCK_R: tl.constexpr):
-    """keep∘(dh' A[:, k0:k0+BLOCK_K]) and the tile's dA share, built from EPI_SPLIT column subtiles (one
-    subtile's x, mask and low-rank term live at a time)."""
+    """keep∘(dh' A[:, k0:k0+BLOCK_K]) and the tile's dA share, built from EPI_SPLIT (1 or 2) column subtiles
+    (one subtile's x, mask and low-rank term live at a time)."""
     BKS: tl.constexpr = BLOCK_K // EPI_SPLIT
     acc = _dx_low_rank(x_desc, a_ptr, da_ptr, seed, dhv, rows, m0, k0, pid_m, K, TR, stride_am, threshold,
                        HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M, BKS, BLOCK_R)
-    if EPI_SPLIT >= 2:
-        s1 = _dx_low_rank(x_desc, a_ptr, da_ptr, seed, dhv, rows, m0, k0 + BKS, pid_m, K, TR, stride_am, threshold,
+    if EPI_SPLIT == 2:
+        hi = _dx_low_rank(x_desc, a_ptr, da_ptr, seed, dhv, rows, m0, k0 + BKS, pid_m, K, TR, stride_am, threshold,
                           HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M, BKS, BLOCK_R)
-        acc = _join_cols(acc, s1, BLOCK_M, 2 * BKS)
-    if EPI_SPLIT == 4:
-        s2 = _dx_low_rank(x_desc, a_ptr, da_ptr, seed, dhv, rows, m0, k0 + 2 * BKS, pid_m, K, TR, stride_am,
-                          threshold, HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M, BKS, BLOCK_R)
-        s3 = _dx_low_rank(x_desc, a_ptr, da_ptr, seed, dhv, rows, m0, k0 + 3 * BKS, pid_m, K, TR, stride_am,
-                          threshold, HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M, BKS, BLOCK_R)
-        acc = _join_cols(acc, _join_cols(s2, s3, BLOCK_M, 2 * BKS), BLOCK_M, BLOCK_K)
+        acc = _join_cols(acc, hi, BLOCK_M, BLOCK_K)
     return acc
 
 
@@ -218,26 +212,11 @@ def _lora_bwd_persistent_kernel(
                          stride_am, threshold, HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M, BLOCK_KS, BLOCK_R)
         else:
             lo, hi = _split_cols(acc, BLOCK_M, BLOCK_K)
-            if EPI_SPLIT == 2:
-                _dx_epilogue(dx_desc, x_desc, a_ptr, da_ptr, seed, dhv, lo, not ready, rows, m0, k0, pid_m, K, TR,
-                             stride_am, threshold, HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M, BLOCK_KS,
-                             BLOCK_R)
-                _dx_epilogue(dx_desc, x_desc, a_ptr, da_ptr, seed, dhv, hi, not ready, rows, m0, k0 + BLOCK_KS, pid_m,
-                             K, TR, stride_am, threshold, HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M,
-                             BLOCK_KS, BLOCK_R)
-            else:
-                for half in tl.static_range(2):
-                    if half == 0:
-                        q0, q1 = _split_cols(lo, BLOCK_M, BLOCK_K // 2)
-                    else:
-                        q0, q1 = _split_cols(hi, BLOCK_M, BLOCK_K // 2)
-                    kh = k0 + half * (BLOCK_K // 2)
-                    _dx_epilogue(dx_desc, x_desc, a_ptr, da_ptr, seed, dhv, q0, not ready, rows, m0, kh, pid_m,
-                                 K, TR, stride_am, threshold, HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M,
-                                 BLOCK_KS, BLOCK_R)
-                    _dx_epilogue(dx_desc, x_desc, a_ptr, da_ptr, seed, dhv, q1, not ready, rows, m0, kh + BLOCK_KS,
-                                 pid_m, K, TR, stride_am, threshold, HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC,
-                                 BLOCK_M, BLOCK_KS, BLOCK_R)
+            _dx_epilogue(dx_desc, x_desc, a_ptr, da_ptr, seed, dhv, lo, not ready, rows, m0, k0, pid_m, K, TR,
+                         stride_am, threshold, HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M, BLOCK_KS, BLOCK_R)
+            _dx_epilogue(dx_desc, x_desc, a_ptr, da_ptr, seed, dhv, hi, not ready, rows, m0, k0 + BLOCK_KS, pid_m, K,
+                         TR, stride_am, threshold, HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M, BLOCK_KS,
+                         BLOCK_R)
 
 
 # Widest low-rank vector (BLOCK_R) with which 128-row dx tiles compile without register spills on sm_90 (their
