@@ -15,6 +15,25 @@ triton = pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Kernel (as the AOT report names it) → the cost model's key for its Philox rounds per mask element.
+_ROUNDS_KEY = {"lora_fwd_persistent_kernel": "fwd", "lora_bwd_persistent_kernel": "dx", "lora_down_kernel": "down",
+               "lora_bwd_da_kernel": "da", "lora_bwd_dx_kernel": "dx_ptr"}
+
+
+def _check_rounds_against_cost_model(rows):
+    """The cost model prices the keep mask with the Philox rounds per element of the compiled kernels: it must not
+    claim fewer than any config the autotuner may pick compiles to."""
+    from benchmarks.costmodel import PHILOX_ROUNDS
+
+    seen = set()
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        if cells[0] in _ROUNDS_KEY and cells[9] != "–":
+            assert float(cells[9]) <= PHILOX_ROUNDS[_ROUNDS_KEY[cells[0]]] + 1e-9, row
+            seen.add(cells[0])
+    return seen
+
+
 def _has_ptxas():
     try:
         from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
@@ -42,6 +61,7 @@ def test_static_proof_on_sm90():
         if cells[0] in ("lora_fwd_persistent_kernel", "lora_bwd_persistent_kernel"):
             assert int(cells[3]) > 0 and int(cells[4]) > 0 and cells[5] == "yes", row  # wgmma, TMA, persistent
         assert cells[8] == "0" and cells[-1] == "ok", row
+    assert {"lora_fwd_persistent_kernel", "lora_bwd_persistent_kernel"} <= _check_rounds_against_cost_model(rows)
 
 
 @pytest.mark.skipif(not _has_ptxas(), reason="Triton's NVIDIA backend (ptxas) is not installed here")
@@ -54,6 +74,8 @@ def test_pointer_kernels_compile_for_sm80():
     )
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-4000:]
     assert "lora_bwd_dx_kernel" in out.stdout and "lora_down_kernel" in out.stdout
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| lora_")]
+    assert {"lora_down_kernel", "lora_bwd_da_kernel", "lora_bwd_dx_kernel"} <= _check_rounds_against_cost_model(rows)
 
 
 def test_config_pruning_by_shared_memory():

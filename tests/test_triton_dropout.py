@@ -101,3 +101,32 @@ def test_seed_is_read_on_device_not_synced(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "item", boom)
     y, _ = _lora_linear_op(x, W, None, A, B, seed, 1.0, 0.2, [0, 8], "triton")
     y.sum().backward()
+
+
+def _philox_words(c0, c1, key):
+    """Philox-4x32-10 of counters (c0, c1, 0, 0) (int64 tensors holding uint32) under a 64-bit key, vectorized over
+    the counters (Salmon et al. 2011: multipliers 0xD2511F53, 0xCD9E8D57; key bumps 0x9E3779B9, 0xBB67AE85)."""
+    m32 = 0xFFFFFFFF
+    x = [c0, c1, torch.zeros_like(c0), torch.zeros_like(c0)]
+    k0, k1 = key & m32, (key >> 32) & m32
+    for _ in range(10):
+        p0 = 0xD2511F53 * x[0]
+        p1 = 0xCD9E8D57 * x[2]
+        x = [((p1 >> 32) ^ x[1] ^ k0) & m32, p1 & m32, ((p0 >> 32) ^ x[3] ^ k1) & m32, p0 & m32]
+        k0, k1 = (k0 + 0x9E3779B9) & m32, (k1 + 0xBB67AE85) & m32
+    return x
+
+
+def test_mask_is_the_documented_philox_formula():
+    """keep[row, col] = half (col % 2) of Philox word (col % 8) // 2 at counter (col // 8, row) ≥ round(p·65536):
+    checks the packed-bit generation and both unpackings (blocked and MMA layouts share one definition) against
+    plain arithmetic, independent of the kernels' code."""
+    seed, p, M, K = 0x0123_4567_89AB_CDEF, 0.37, 11, 70
+    rows = torch.arange(M).view(M, 1).expand(M, K)
+    cols = torch.arange(K).view(1, K).expand(M, K)
+    words = _philox_words(cols // 8, rows, seed)
+    lane = cols % 8
+    w = torch.stack(words, -1).gather(-1, (lane // 2).unsqueeze(-1)).squeeze(-1)
+    u16 = (w >> (16 * (lane % 2))) & 0xFFFF
+    want = u16 >= keep_threshold_u16(p)
+    assert torch.equal(triton_dropout_keep_mask(torch.tensor([seed]), M, K, p), want)

@@ -74,6 +74,22 @@ def test_ragged_shapes_every_gradient(path, dtype, p):
     assert expect <= set(calls), calls
 
 
+@pytest.mark.parametrize("split", [1, 2])
+def test_dx_epilogue_subtiles(monkeypatch, split):
+    """The dx kernel's prologue/epilogue in 1 or 2 column subtiles (the GPU configs use both): every gradient,
+    p > 0, with the producer/consumer handshake taking both branches."""
+    from lora_fused.kernels.triton import lora_bwd_persistent as bp
+
+    monkeypatch.setenv("LORA_FUSED_TRITON_TMA", "1")
+    cfg = bp._configs([(16, 32, 16, 4, 1, split)])
+    monkeypatch.setattr(bp._KERNEL, "configs", {**bp._KERNEL.configs, "interpret": cfg})
+    bp._KERNEL._for.cache_clear()
+    try:
+        _run_and_check(45, 72, 40, 3, [0, 40], torch.float32, 0.3)
+    finally:
+        bp._KERNEL._for.cache_clear()
+
+
 @pytest.mark.parametrize("slices", [[0, 24, 48, 24], [8, 40, 56, 16, 72, 8]])
 def test_targets_straddling_tiles(path, slices):
     _run_and_check(21, 24, 80, 4, slices, torch.float32, 0.2)

@@ -9,7 +9,9 @@ Dropout RNG (used by every kernel that touches the mask, so forward and backward
 
 The mask is a pure function of ``(seed, row, col)`` (not of the tile shape, the kernel or the launch), so any
 kernel can regenerate any tile's mask without coordinating offsets, and one Philox call yields 8 keep
-decisions. ``p`` is quantized to a multiple of 1/65536 (|error| ≤ 7.7e-6); kept values are scaled by the exact
+decisions, packed into a byte (``keep_bits``) where they are generated; consumers unpack the bytes in their own
+layout (``keep_tile``) or, in an MMA accumulator's layout, receive them as packed words (``keep_tile_mma``), so
+every decision is generated once per kernel. ``p`` is quantized to a multiple of 1/65536 (|error| ≤ 7.7e-6); kept values are scaled by the exact
 ``1/(1-p)``. Counters are 32-bit per coordinate: rows < 2³² and columns < 2³⁵, so no wrap-around in practice.
 """
 
@@ -26,12 +28,12 @@ import triton.language as tl
 
 from ..reference.dropout import dropout_scale, keep_threshold_u16
 
-__all__ = ["keep_tile", "interpreting", "dot_precision", "dropout_args", "tuned", "next_pow2", "sm_count",
-           "scratch_allocator", "deterministic"]
+__all__ = ["keep_tile", "keep_tile_mma", "keep_bits", "unpack_keep", "unpack_keep_mma", "layout_barrier", "interpreting",
+           "dot_precision", "dropout_args", "tuned", "next_pow2", "sm_count", "scratch_allocator", "deterministic"]
 
 
-# Triton before 3.7 keeps extra copies of the masked operand tile per pipeline stage in the persistent kernels
-# (measured by aot_check under 3.6 and 3.8); the shared-memory estimates add them there.
+# Triton before 3.7 allocates some epilogue buffers of the persistent kernels beside the pipeline's instead of
+# over them (measured by aot_check under 3.6 and 3.8); the shared-memory estimates add them there.
 OLD_TRITON_SMEM = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7)
 
 
@@ -79,25 +81,82 @@ def dropout_args(dropout_p: float, seed, fallback: torch.Tensor):
 
 
 @triton.jit
-def keep_tile(seed, rows, k0, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Keep mask (bool [BLOCK_M, BLOCK_K]) of columns ``k0 … k0+BLOCK_K`` (``k0 % 8 == 0``) of ``rows``.
+def _keep_pair(w, threshold):
+    """Two keep bits from one 32-bit Philox word: bit 0 from its low 16 bits, bit 1 from its high 16 bits."""
+    return ((w & 0xFFFF) >= threshold).to(tl.uint8) | (((w >> 16) >= threshold).to(tl.uint8) << 1)
 
-    One Philox-4x32 call per 8 columns: 4 words × 2 halves = 8 decisions at 16-bit resolution."""
+
+@triton.jit
+def keep_bits(seed, rows, k0, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Packed keep mask (uint8 [BLOCK_M, BLOCK_K // 8]) of columns ``k0 … k0+BLOCK_K`` (``k0 % 8 == 0``) of
+    ``rows``: bit i of byte (m, j) is the decision of column ``k0 + 8j + i``. One Philox-4x32 call per byte,
+    computed in whatever layout the bytes get (elementwise only: nothing moves between threads)."""
     G: tl.constexpr = BLOCK_K // 8
     groups = (k0 // 8 + tl.arange(0, G)).to(tl.int32)
     c0 = tl.broadcast_to(groups[None, :], (BLOCK_M, G))
     c1 = tl.broadcast_to(rows.to(tl.int32)[:, None], (BLOCK_M, G))
     zero = c0 * 0
     w0, w1, w2, w3 = tl.philox(seed, c0, c1, zero, zero)
-    lane = tl.arange(0, 8)[None, None, :]
-    word = tl.where(
-        lane < 4,
-        tl.where(lane < 2, w0[:, :, None], w1[:, :, None]),
-        tl.where(lane < 6, w2[:, :, None], w3[:, :, None]),
-    )
-    u16 = (word >> ((lane % 2) * 16).to(tl.uint32)) & 0xFFFF
-    u16 = tl.reshape(u16, (BLOCK_M, BLOCK_K))
-    return u16 >= threshold
+    return (_keep_pair(w0, threshold) | (_keep_pair(w1, threshold) << 2) | (_keep_pair(w2, threshold) << 4)
+            | (_keep_pair(w3, threshold) << 6))
+
+
+@triton.jit
+def unpack_keep(bits, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """bool [BLOCK_M, BLOCK_K] from ``keep_bits``' bytes."""
+    lane = tl.arange(0, 8).to(tl.uint8)
+    b = (bits[:, :, None] >> lane[None, None, :]) & 1
+    return tl.reshape(b, (BLOCK_M, BLOCK_K)) != 0
+
+
+@triton.jit
+def keep_tile(seed, rows, k0, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Keep mask (bool [BLOCK_M, BLOCK_K]) of columns ``k0 … k0+BLOCK_K`` (``k0 % 8 == 0``) of ``rows``, for a
+    consumer in a blocked layout (a thread owning 8 consecutive columns computes one Philox call for them)."""
+    return unpack_keep(keep_bits(seed, rows, k0, threshold, BLOCK_M, BLOCK_K), BLOCK_M, BLOCK_K)
+
+
+@triton.jit
+def layout_barrier(v):
+    """Identity, as a one-trip ``while`` loop. Triton's layout pass rematerializes a value's producers in each
+    layout a consumer wants, but never through ``scf.while``: the producers of ``v`` run once, in their own
+    layout, and ``v`` itself is moved to the consumers' layouts (one layout conversion)."""
+    out = tl.zeros_like(v)
+    i = 0
+    while i < 1:
+        out = v
+        i += 1
+    return out
+
+
+@triton.jit
+def unpack_keep_mma(bits, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """bool [BLOCK_M, BLOCK_K] from ``keep_bits``' bytes (generated once, in a blocked layout), for a consumer in
+    an MMA accumulator layout (wgmma or mma.sync), where thread ``q = lane % 4`` of a row holds columns
+    ``8n + 2q + {0, 1}``: 4 threads share each byte, so recomputing the bytes there would repeat every Philox
+    call 4×. Instead the 2 bits thread q needs from 16 consecutive bytes are packed into one 32-bit word per
+    (row, q) — ``BLOCK_M·BLOCK_K/64`` words, moved to the accumulator's layout by one layout conversion (the
+    ``layout_barrier`` keeps Triton from rematerializing the words there) — and unpacked in registers."""
+    G: tl.constexpr = BLOCK_K // 8
+    NP: tl.constexpr = G if G < 16 else 16   # bytes per word
+    NW: tl.constexpr = G // NP                # words per (row, q)
+    b3 = tl.reshape(bits, (BLOCK_M, NW, NP))
+    q = tl.arange(0, 4).to(tl.uint8)
+    pairs = ((b3[:, :, :, None] >> (2 * q)[None, None, None, :]) & 3).to(tl.uint32)
+    sh = (2 * tl.arange(0, NP)).to(tl.uint32)
+    words = layout_barrier(tl.sum(pairs << sh[None, None, :, None], axis=2))   # [BLOCK_M, NW, 4]
+    half = tl.arange(0, 2).to(tl.uint32)
+    # column 8·(NP·w + n) + 2q + b  ↔  bit 2n + b of word (row, w, q)
+    k5 = (words[:, :, None, :, None] >> (sh[None, None, :, None, None] + half[None, None, None, None, :])) & 1
+    return tl.reshape(k5, (BLOCK_M, BLOCK_K)) != 0
+
+
+@triton.jit
+def keep_tile_mma(seed, rows, k0, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``keep_tile`` for a consumer in an MMA accumulator layout: one Philox call per 8 elements (``keep_bits`` in
+    a blocked layout), moved as packed bits (``unpack_keep_mma``)."""
+    bits = layout_barrier(keep_bits(seed, rows, k0, threshold, BLOCK_M, BLOCK_K))
+    return unpack_keep_mma(bits, BLOCK_M, BLOCK_K)
 
 
 # Ahead-of-time capture (``aot_check``): launchers run on meta tensors as if on a GPU of ``arch`` and record their

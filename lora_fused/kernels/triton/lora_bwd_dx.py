@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, dropout_args, keep_tile, next_pow2, tuned
+from ._common import dot_precision, dropout_args, keep_tile_mma, next_pow2, tuned
 from .lora_linear_fwd import GEMM_CONFIGS_INTERPRET, GEMM_CONFIGS_SM80, GEMM_CONFIGS_SM90, _grouped_tile, gemm_smem
 
 # dx is (M, K) with an N-deep reduction: the same GEMM shape class as the forward, so the same config lists
@@ -63,7 +63,7 @@ def _lora_bwd_dx_kernel(
         low = tl.dot(dv, av, low, input_precision=DOT_PREC)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-        keep = keep_tile(seed, rows, pid_k * BLOCK_K, threshold, BLOCK_M, BLOCK_K)
+        keep = keep_tile_mma(seed, rows, pid_k * BLOCK_K, threshold, BLOCK_M, BLOCK_K)  # acc layout
         acc = acc + tl.where(keep, low, 0.0)
     else:
         acc = low

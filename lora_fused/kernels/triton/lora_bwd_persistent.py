@@ -4,31 +4,36 @@ g also produce ``dh' = s/(1-p)·g B_exp`` and ``dB = s·gᵀh``, and every dx ti
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (OLD_TRITON_SMEM, dot_precision, dropout_args, keep_tile, lora_b_tile, next_pow2, producer_first_tile,
+from ._common import (OLD_TRITON_SMEM, dot_precision, dropout_args, keep_bits, layout_barrier, lora_b_tile, unpack_keep, unpack_keep_mma, next_pow2, producer_first_tile,
                       scratch_allocator, sm_count, tuned)
 from .lora_linear_fwd import slice_args
 
 
 def _configs(rows):
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bk, bn, w, s in rows
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn, "GROUP_M": 8, "EPI_SPLIT": sp}, num_warps=w,
+                      num_stages=s)
+        for bm, bk, bn, w, s, sp in rows
     ]
 
 
 # dx is (M, K) with an N-deep reduction: its own list (in the forward's the third block is the reduction).
-# (BLOCK_M, BLOCK_K = output width, BLOCK_N = reduction depth, warps, stages). Only configs that compile without
-# register spills on sm_90 are listed (the AOT test enforces it): 128-row output tiles (128×128, 128×256) spill
-# because the keep mask is rematerialized in the accumulator's layout (docs/triton.md); 64×64×64 with 4 warps
-# spills under Triton 3.6.
+# (BLOCK_M, BLOCK_K = output width, BLOCK_N = reduction depth, warps, stages, EPI_SPLIT = column subtiles of the
+# prologue/epilogue). Only configs that compile without register spills on sm_90 under Triton 3.6 and 3.8 are
+# listed (the AOT test enforces it). 128×256 spills in both (600–900 B with the epilogue in 2 or 4 subtiles: the
+# 128-register accumulator of 8 warps without warp specialization leaves too few for the fused dh'/dB/dA/mask
+# work); 128×128 in 4 subtiles spills under 3.6, 64×256 in deterministic mode under 3.8.
 DX_TMA_CONFIGS_SM90 = _configs([
-    (64, 128, 64, 8, 4), (64, 64, 32, 4, 3),
+    (128, 128, 64, 8, 4, 2), (64, 128, 64, 8, 4, 1), (64, 64, 32, 4, 3, 1),
 ])
-DX_TMA_CONFIGS_INTERPRET = _configs([(16, 32, 16, 4, 1)])
+# Under the interpreter: the epilogue in 2 subtiles, so the tests run the split/join paths.
+DX_TMA_CONFIGS_INTERPRET = _configs([(16, 32, 16, 4, 1, 2)])
 
 
 @triton.jit
@@ -63,18 +68,20 @@ def _dx_n_loop(g_desc, w_desc, b_ptr, h_ptr, db_ptr, acc, dacc, rows, m0, k0, pi
 
 
 @triton.jit
-def _dx_low_rank(x_desc, a_ptr, da_ptr, seed, dhv, acc, rows, ks, m0, k0, pid_m, K, TR, stride_am, threshold,
-                 PROLOGUE: tl.constexpr, HAS_DROPOUT: tl.constexpr, DO_DA: tl.constexpr, DETERMINISTIC: tl.constexpr,
-                 DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """acc + keep∘(dh' A[:, ks]) and, with DO_DA, this tile's dA[:, ks] share dh'ᵀ (keep∘x[rows, ks]): the keep
-    mask of the tile is generated once (in the layout of its tile) and serves both."""
+def _dx_low_rank(x_desc, a_ptr, da_ptr, seed, dhv, rows, m0, k0, pid_m, K, TR, stride_am, threshold,
+                 HAS_DROPOUT: tl.constexpr, DO_DA: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_KS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """keep∘(dh' A[:, k0:k0+BLOCK_KS]) (fp32, the accumulator's layout) and, with DO_DA, this subtile's share of
+    dA[:, k0:] = dh'ᵀ (keep∘x[rows, k0:]). The subtile's keep bits are generated once (blocked layout, 8 per
+    Philox call) and serve both: unpacked in place for the x tile, moved as bytes to the accumulator's layout."""
     rr = tl.arange(0, BLOCK_R)
+    ks = k0 + tl.arange(0, BLOCK_KS)
     if HAS_DROPOUT:
-        keep = keep_tile(seed, rows, k0, threshold, BLOCK_M, BLOCK_K)
+        bits = layout_barrier(keep_bits(seed, rows, k0, threshold, BLOCK_M, BLOCK_KS))
     if DO_DA:
         xv = x_desc.load([m0, k0])
         if HAS_DROPOUT:
-            xv = tl.where(keep, xv, tl.zeros_like(xv))
+            xv = tl.where(unpack_keep(bits, BLOCK_M, BLOCK_KS), xv, tl.zeros_like(xv))
         part = tl.dot(tl.trans(dhv), xv, input_precision=DOT_PREC)
         offs = rr.to(tl.int64)[:, None] * K + ks[None, :]
         da_mask = (rr < TR)[:, None] & (ks < K)[None, :]
@@ -84,16 +91,50 @@ def _dx_low_rank(x_desc, a_ptr, da_ptr, seed, dhv, acc, rows, ks, m0, k0, pid_m,
             tl.atomic_add(da_ptr + offs, part, mask=da_mask, sem="relaxed")
     av = tl.load(a_ptr + rr.to(tl.int64)[:, None] * stride_am + ks[None, :],
                  mask=(rr < TR)[:, None] & (ks < K)[None, :], other=0.0)
-    if PROLOGUE:  # acc is zero: the low-rank MMA accumulates in place, the mask zeroes the dropped elements
-        acc = tl.dot(dhv, av, acc, input_precision=DOT_PREC)
-        if HAS_DROPOUT:
-            acc = tl.where(keep, acc, 0.0)
-    else:
-        low = tl.dot(dhv, av, input_precision=DOT_PREC)
-        if HAS_DROPOUT:
-            low = tl.where(keep, low, 0.0)
-        acc = acc + low
+    low = tl.dot(dhv, av, input_precision=DOT_PREC)
+    if HAS_DROPOUT:
+        low = tl.where(unpack_keep_mma(bits, BLOCK_M, BLOCK_KS), low, 0.0)
+    return low
+
+
+@triton.jit
+def _split_cols(acc, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The left and right column halves of a [BLOCK_M, BLOCK_K] register tile (no data movement)."""
+    return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_K // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _join_cols(lo, hi, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_M, BLOCK_K] from its left and right column halves (the inverse of ``_split_cols``)."""
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_M, BLOCK_K))
+
+
+@triton.jit
+def _dx_prologue(x_desc, a_ptr, da_ptr, seed, dhv, rows, m0, k0, pid_m, K, TR, stride_am, threshold,
+                 HAS_DROPOUT: tl.constexpr, DO_DA: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EPI_SPLIT: tl.constexpr, BLOCK_R: tl.constexpr):
+    """keep∘(dh' A[:, k0:k0+BLOCK_K]) and the tile's dA share, built from EPI_SPLIT (1 or 2) column subtiles
+    (one subtile's x, mask and low-rank term live at a time)."""
+    BKS: tl.constexpr = BLOCK_K // EPI_SPLIT
+    acc = _dx_low_rank(x_desc, a_ptr, da_ptr, seed, dhv, rows, m0, k0, pid_m, K, TR, stride_am, threshold,
+                       HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M, BKS, BLOCK_R)
+    if EPI_SPLIT == 2:
+        hi = _dx_low_rank(x_desc, a_ptr, da_ptr, seed, dhv, rows, m0, k0 + BKS, pid_m, K, TR, stride_am, threshold,
+                          HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M, BKS, BLOCK_R)
+        acc = _join_cols(acc, hi, BLOCK_M, BLOCK_K)
     return acc
+
+
+@triton.jit
+def _dx_epilogue(dx_desc, x_desc, a_ptr, da_ptr, seed, dhv, acc, add_low, rows, m0, k0, pid_m, K, TR, stride_am,
+                 threshold, HAS_DROPOUT: tl.constexpr, DO_DA: tl.constexpr, DETERMINISTIC: tl.constexpr,
+                 DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Stores the dx subtile ``acc`` (columns k0 … k0+BLOCK_KS) by TMA, after adding keep∘(dh' A) and this
+    subtile's dA share when ``add_low`` (the tile's dh' came from its own N loop)."""
+    if add_low:
+        acc += _dx_low_rank(x_desc, a_ptr, da_ptr, seed, dhv, rows, m0, k0, pid_m, K, TR, stride_am, threshold,
+                            HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M, BLOCK_KS, BLOCK_R)
+    dx_desc.store([m0, k0], acc.to(dx_desc.dtype))
 
 
 @triton.jit
@@ -106,7 +147,7 @@ def _lora_bwd_persistent_kernel(
     HAS_DROPOUT: tl.constexpr, DO_DA: tl.constexpr, DO_DB: tl.constexpr, DETERMINISTIC: tl.constexpr,
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, EPI_SPLIT: tl.constexpr,
 ):
     """dx = g W + keep∘(dh' A),  dh' = s/(1-p)·g B_exp,  dB = s·gᵀ h (per target),  dA = dh'ᵀ (keep∘x)
 
@@ -123,14 +164,15 @@ def _lora_bwd_persistent_kernel(
     separate pass over g for dh/dB, none over x beyond that one.
     """
     dtype = dx_ptr.dtype.element_ty
+    BLOCK_KS: tl.constexpr = BLOCK_K // EPI_SPLIT  # epilogue subtile width (the low-rank term, dA, the store)
     g_desc = tl.make_tensor_descriptor(g_ptr, shape=[M, N], strides=[stride_gm, 1], block_shape=[BLOCK_M, BLOCK_N])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
     dx_desc = tl.make_tensor_descriptor(dx_ptr, shape=[M, K], strides=[stride_dxm, 1],
-                                        block_shape=[BLOCK_M, BLOCK_K])
+                                        block_shape=[BLOCK_M, BLOCK_KS])
     x_desc = dx_desc
     if DO_DA:
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
-                                           block_shape=[BLOCK_M, BLOCK_K])
+                                           block_shape=[BLOCK_M, BLOCK_KS])
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
@@ -142,37 +184,55 @@ def _lora_bwd_persistent_kernel(
         m0 = pid_m * BLOCK_M
         k0 = pid_k * BLOCK_K
         rows = m0 + tl.arange(0, BLOCK_M)
-        ks = k0 + tl.arange(0, BLOCK_K)
         dh_mask = (rows < M)[:, None] & (rr < TR)[None, :]
         dh_offs = rows.to(tl.int64)[:, None] * stride_dhm + rr[None, :]
         flag = tl.atomic_add(flag_ptr + pid_m, 0, sem="acquire")
         producer = pid_k == 0
         ready = (flag != 0) & (pid_k != 0)
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         dacc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        if ready:
+        if ready:  # prologue: the accumulator starts as keep∘(dh' A), its dA share from the same bits
             dhv = tl.load(dh_ptr + dh_offs, mask=dh_mask, other=0.0, cache_modifier=".cg")
-            acc = _dx_low_rank(x_desc, a_ptr, da_ptr, seed, dhv, acc, rows, ks, m0, k0, pid_m, K, TR, stride_am,
-                               threshold, True, HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_R)
+            acc = _dx_prologue(x_desc, a_ptr, da_ptr, seed, dhv, rows, m0, k0, pid_m, K, TR, stride_am, threshold,
+                               HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M, BLOCK_K, EPI_SPLIT, BLOCK_R)
+        else:
+            dhv = tl.zeros((BLOCK_M, BLOCK_R), dtype=dtype)
+            acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         acc, dacc = _dx_n_loop(g_desc, w_desc, b_ptr, h_ptr, db_ptr, acc, dacc, rows, m0, k0, pid_m, M, N, R, TR, NB,
                                stride_bn, stride_br, stride_hm, scaling, off0, n0, boff0, off1, n1, boff1, off2, n2,
                                boff2, not ready, producer, DO_DB, DETERMINISTIC, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_R)
-        if not ready:
+        if not ready:  # dh' came from this tile's N loop: the epilogue adds keep∘(dh' A)
             dhv = (dacc * dh_scale).to(dtype)
             if producer:
                 tl.store(dh_ptr + dh_offs, dhv, mask=dh_mask)
                 tl.debug_barrier()  # every thread's dh' stores precede the release below
                 tl.atomic_xchg(flag_ptr + pid_m, 1, sem="release")
-            acc = _dx_low_rank(x_desc, a_ptr, da_ptr, seed, dhv, acc, rows, ks, m0, k0, pid_m, K, TR, stride_am,
-                               threshold, False, HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M, BLOCK_K, BLOCK_R)
-        dx_desc.store([m0, k0], acc.to(dtype))
+        # column subtiles: the epilogue holds one subtile's low-rank term (and mask) at a time
+        if EPI_SPLIT == 1:
+            _dx_epilogue(dx_desc, x_desc, a_ptr, da_ptr, seed, dhv, acc, not ready, rows, m0, k0, pid_m, K, TR,
+                         stride_am, threshold, HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M, BLOCK_KS, BLOCK_R)
+        else:
+            lo, hi = _split_cols(acc, BLOCK_M, BLOCK_K)
+            _dx_epilogue(dx_desc, x_desc, a_ptr, da_ptr, seed, dhv, lo, not ready, rows, m0, k0, pid_m, K, TR,
+                         stride_am, threshold, HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M, BLOCK_KS, BLOCK_R)
+            _dx_epilogue(dx_desc, x_desc, a_ptr, da_ptr, seed, dhv, hi, not ready, rows, m0, k0 + BLOCK_KS, pid_m, K,
+                         TR, stride_am, threshold, HAS_DROPOUT, DO_DA, DETERMINISTIC, DOT_PREC, BLOCK_M, BLOCK_KS,
+                         BLOCK_R)
+
+
+# Widest low-rank vector (BLOCK_R) with which 128-row dx tiles compile without register spills on sm_90 (their
+# accumulator takes 64 registers per thread for 128×128, the fused dh'/dB/dA/mask state the rest; measured by the
+# AOT check under Triton 3.6 and 3.8: T·r = 32, the ViT qkv case, spills).
+WIDE_TILE_MAX_R = 16
 
 
 def bwd_tma_smem(m, e):
-    """Shared memory of a config: pipelined g, W and B_exp tiles and the low-rank operands (the x tile for dA and
-    the mask's layout change reuse the pipeline's buffers after the N loop). An upper bound of what Triton
-    allocates, checked against the compiled kernels by the AOT test; the autotuner prunes with it."""
+    """Shared memory of a config: pipelined g, W and B_exp tiles and the low-rank operands (the x subtiles for dA,
+    the dx store buffer and the mask's layout change reuse the pipeline's buffers after the N loop). An upper
+    bound of what Triton allocates, checked against the compiled kernels by the AOT test; the autotuner prunes
+    with it. A 128-row config with BLOCK_R > WIDE_TILE_MAX_R gets infinity: it does not fit the register file."""
     bm, bk, bn, br = m["BLOCK_M"], m["BLOCK_K"], m["BLOCK_N"], m["BLOCK_R"]
+    if bm >= 128 and br > WIDE_TILE_MAX_R:
+        return math.inf
     loop = m["num_stages"] * (bm * bn + bn * bk + bn * br) * e
     old = bm * bk * e if OLD_TRITON_SMEM else 0
     return loop + old + (br * bk + 2 * bm * br) * e + 4096
