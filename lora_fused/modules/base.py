@@ -95,7 +95,7 @@ class LoRABase(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         return lora_apply(
             x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout,
-            self.training, self.lora_slices(), self._describe(),
+            self.training, self.lora_slices(), self._describe,
         )
 
     # -- merge -----------------------------------------------------------------------------------------------
