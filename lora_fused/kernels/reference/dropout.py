@@ -17,6 +17,7 @@ not across backends.
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -26,6 +27,7 @@ _M32 = 0xFFFF_FFFF
 _MIX = (0x7FEB352D, 0x31848BAB)  # odd multipliers below 2**31: products of 32-bit values stay below 2**63
 
 
+@functools.lru_cache(maxsize=256)
 def keep_threshold_u16(p: float) -> int:
     """Integer threshold ``t`` in [0, 65536): an element is dropped when its 16-bit draw is below ``t``."""
     return min(int(round(p * _U16)), _U16 - 1)
@@ -59,14 +61,15 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.d
         device: where to generate the mask (its own ``torch.Generator`` type).
     """
     n = rows * cols
-    gen = _generator(torch.device(device))
+    gen = _generator(device if isinstance(device, torch.device) else torch.device(device))
     gen.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
+    # (rows, cols/4) words are the same row-major bits as n/4 flat words: one view less when cols % 4 == 0
+    words = torch.empty((rows, cols // 4) if cols % 4 == 0 else ((n + 3) // 4,), dtype=torch.int64, device=device)
     words.random_(-(2**63), None, generator=gen)
     draws = words.view(torch.int16)
-    if n % 4:
-        draws = draws.narrow(0, 0, n)
-    return draws.view(rows, cols) >= keep_threshold_u16(p) - _U16 // 2
+    if cols % 4:
+        draws = draws.narrow(0, 0, n).view(rows, cols)
+    return draws >= keep_threshold_u16(p) - _U16 // 2
 
 
 def _mix32(v: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,18 @@ def _columns(t: torch.Tensor, T: int, n: int, step: int, off0: int) -> torch.Ten
     return t.as_strided((T, t.shape[0], n), (step * s1, s0, s1), t.storage_offset() + off0 * s1)
 
 
+_zeros: dict = {}  # (dtype, device) -> a 0-dim zero, the ``input`` of addcmul
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    key = (like.dtype, like.device)
+    zero = _zeros.get(key)
+    if zero is None:
+        with torch.inference_mode(False), torch.no_grad():
+            zero = _zeros[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+    return zero
+
+
 def keep_mask(seed: Seed, rows: int, cols: int, p: float, device: torch.device) -> torch.Tensor:
     """The torch backend's keep mask: :func:`dropout_keep_mask` for an integer seed (CPU),
     :func:`hashed_keep_mask` for a seed tensor (other devices, no host sync)."""
@@ -91,8 +103,8 @@ def lora_linear_forward_ref(
         lora_slices: ``[off_0, n_0, …]`` (see module doc).
     """
     if dropout_p > 0.0:
-        h = F.linear(x * keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device), lora_A)
-        h.mul_(dropout_scale(dropout_p))
+        keep = keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device)
+        h = F.linear(torch.addcmul(_zero(x), x, keep, value=dropout_scale(dropout_p)), lora_A)  # x̂ Aᵀ
     else:
         h = F.linear(x, lora_A)
     y = F.linear(x, weight, bias)
