@@ -16,8 +16,10 @@ Scalars ride on the GEMMs (``alpha``/``beta``) rather than on extra passes, and 
 per direction, never stored: the op saves ``x`` only for dA or dW, ``h`` only for dB, the seed for the mask.
 ``x`` may be None when neither dA nor dW is needed, ``h`` None when dB is not.
 
-Targets of equal width at evenly spaced offsets (q and v of a fused qkv, or all three) are handled as one
-batch (``baddbmm``/``bmm`` on strided views of ``y`` and ``g``); other layouts loop over the targets.
+Several targets (or one on part of the outputs) are applied in one of three ways, all the same math:
+small problems (``M·N·T·r <= SMALL``, where host time dominates) scatter ``B`` into a zero-padded ``(N, T·r)``
+matrix and use one GEMM; targets of equal width at evenly spaced offsets (q and v of a fused qkv, or all three)
+run as one batch (``baddbmm``/``bmm`` on strided views of ``y`` and ``g``); other layouts loop over the targets.
 """
 
 from __future__ import annotations
@@ -41,20 +43,46 @@ def iter_slices(lora_slices: Sequence[int], r: int):
         b_off += n
 
 
-def _layout(lora_slices: Sequence[int], n_out: int):
-    """``"full"`` for one target over all outputs; ``(T, n, step, off_0)`` for ``T`` targets of width ``n``
-    at offsets ``off_0 + t·step`` (``step >= n``); None for any other layout."""
+SMALL = 1 << 16  # M·N·T·r at or below which the padded-B form is used (its extra zero products cost less than calls)
+
+_pad_index: dict = {}  # (slices, r, N, device) -> positions of B's elements in the flat (N, T·r) padded matrix
+
+
+def _layout(lora_slices: Sequence[int], n_out: int, rows: int, r: int):
+    """How the targets are applied: ``("full",)`` (one target over all outputs), ``("padded",)``,
+    ``("batched", T, n, step, off_0)`` for ``T`` targets of width ``n`` at offsets ``off_0 + t·step``
+    (``step >= n``), or ``("loop",)``."""
     T = len(lora_slices) // 2
     off0, n = lora_slices[0], lora_slices[1]
-    if T == 1:
-        return "full" if off0 == 0 and n == n_out else (1, n, n, off0)
-    step = lora_slices[2] - off0
+    if T == 1 and off0 == 0 and n == n_out:
+        return ("full",)
+    if rows * n_out * T * r <= SMALL:
+        return ("padded",)
+    step = lora_slices[2] - off0 if T > 1 else n
     if step < n:
-        return None
+        return ("loop",)
     for t in range(1, T):
         if lora_slices[2 * t + 1] != n or lora_slices[2 * t] != off0 + t * step:
-            return None
-    return T, n, step, off0
+            return ("loop",)
+    return "batched", T, n, step, off0
+
+
+def _padded_B(lora_B: torch.Tensor, lora_slices: Sequence[int], n_out: int):
+    """``(B_pad, index)``: ``B_pad`` (N, T·r) is zero but for ``B_t`` at rows ``off_t … off_t+n_t`` and columns
+    ``t·r … (t+1)·r``, so ``y += s · h B_padᵀ`` applies every target with one GEMM; ``index`` maps B's flat
+    elements to their places in the flat ``B_pad``."""
+    r = lora_B.shape[1]
+    T = len(lora_slices) // 2
+    key = (tuple(lora_slices), r, n_out, lora_B.device)
+    index = _pad_index.get(key)
+    if index is None:
+        flat = []
+        for t, (_, b_rows, cols) in enumerate(iter_slices(lora_slices, r)):
+            for i in range(b_rows.stop - b_rows.start):
+                flat.extend((cols.start + i) * T * r + t * r + j for j in range(r))
+        index = _pad_index[key] = torch.tensor(flat, dtype=torch.int64, device=lora_B.device)
+    padded = lora_B.new_zeros(n_out * T * r).index_copy_(0, index, lora_B.reshape(-1))
+    return padded.view(n_out, T * r), index
 
 
 def _columns(t: torch.Tensor, T: int, n: int, step: int, off0: int) -> torch.Tensor:
@@ -108,12 +136,14 @@ def lora_linear_forward_ref(
     else:
         h = F.linear(x, lora_A)
     y = F.linear(x, weight, bias)
-    layout = _layout(lora_slices, y.shape[1])
-    if layout == "full":
+    r = lora_B.shape[1]
+    layout = _layout(lora_slices, y.shape[1], y.shape[0], r)
+    if layout[0] == "full":
         y.addmm_(h, lora_B.t(), alpha=scaling)
-    elif layout is not None:
-        T, n, step, off0 = layout
-        r = lora_B.shape[1]
+    elif layout[0] == "padded":
+        y.addmm_(h, _padded_B(lora_B, lora_slices, y.shape[1])[0].t(), alpha=scaling)
+    elif layout[0] == "batched":
+        _, T, n, step, off0 = layout
         h3 = h.view(h.shape[0], T, r).transpose(0, 1)  # h is fresh and contiguous
         _columns(y, T, n, step, off0).baddbmm_(h3, lora_B.reshape(T, n, r).transpose(1, 2), alpha=scaling)
     else:
@@ -146,23 +176,31 @@ def lora_linear_backward_ref(
     g = grad_y
     M, K = g.shape[0], weight.shape[1]
     r = lora_B.shape[1]
-    layout = _layout(lora_slices, g.shape[1])
+    layout = _layout(lora_slices, g.shape[1], M, r)
     dx = dW = db = dA = dB = None
     u = None  # g B per target: (M, T·r)
+    padded = None
+    if layout[0] == "padded" and (need_dx or need_da or need_dlb):
+        padded = _padded_B(lora_B, lora_slices, g.shape[1])
     if need_dx or need_da:
-        if layout == "full":
+        if layout[0] == "full":
             u = torch.mm(g, lora_B)
-        elif layout is not None:
-            T, n, step, off0 = layout
+        elif padded is not None:
+            u = torch.mm(g, padded[0])
+        elif layout[0] == "batched":
+            _, T, n, step, off0 = layout
             u = torch.bmm(_columns(g, T, n, step, off0), lora_B.reshape(T, n, r)).transpose(0, 1).reshape(M, T * r)
         else:
             u = torch.cat([g[:, cols] @ lora_B[b_rows] for _, b_rows, cols in iter_slices(lora_slices, r)], dim=1)
     if need_dlb:
         # beta=0: the first argument only gives the output's shape; its values are ignored.
-        if layout == "full":
+        if layout[0] == "full":
             dB = torch.addmm(lora_B, g.t(), h, beta=0, alpha=scaling)
-        elif layout is not None:
-            T, n, step, off0 = layout
+        elif padded is not None:
+            d_padded = torch.addmm(padded[0], g.t(), h, beta=0, alpha=scaling)
+            dB = d_padded.view(-1).index_select(0, padded[1]).view_as(lora_B)
+        elif layout[0] == "batched":
+            _, T, n, step, off0 = layout
             g3 = _columns(g, T, n, step, off0)
             h3 = h.reshape(M, T, r).transpose(0, 1)
             dB = torch.baddbmm(lora_B.reshape(T, n, r), g3.transpose(1, 2), h3, beta=0, alpha=scaling).view(-1, r)
