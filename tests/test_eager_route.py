@@ -147,6 +147,26 @@ def test_hashed_mask_is_a_pure_function_of_seed_and_position():
     assert torch.equal(hashed_keep_mask(s, 20, 70, 0.3), a[:20])  # row-major positions: a prefix is a prefix
 
 
+def _mix32_py(v):
+    v ^= v >> 16
+    v = (v * 0x7FEB352D) & 0xFFFFFFFF
+    v ^= v >> 15
+    v = (v * 0x31848BAB) & 0xFFFFFFFF
+    return v ^ (v >> 16)
+
+
+def test_hashed_mask_follows_its_documented_formula():
+    """u = mix(mix(i_lo ^ s_lo) ^ i_hi ^ s_hi) mod 2**16, kept when u >= round(p·65536): element by element."""
+    from lora_fused.kernels.reference.dropout import keep_threshold_u16
+
+    seed, rows, cols, p = 0x1234_5678_9ABC_DEF, 5, 7, 0.4
+    keep = hashed_keep_mask(torch.tensor([seed]), rows, cols, p)
+    s_lo, s_hi = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    for i in range(rows * cols):
+        u = _mix32_py(_mix32_py(i ^ s_lo) ^ (i >> 32) ^ s_hi) & 0xFFFF
+        assert bool(keep.view(-1)[i]) == (u >= keep_threshold_u16(p)), i
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_hashed_mask_statistics(p):
     from lora_fused.kernels.reference.dropout import keep_threshold_u16
