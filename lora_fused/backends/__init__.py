@@ -141,6 +141,15 @@ def select_backend(requested: str, x: torch.Tensor, weight: torch.Tensor, lora_A
 
 _selection_cache: dict = {}
 _BIG = 2**31
+_ENV = "LORA_FUSED_BACKEND"
+try:  # CPython's os.environ keeps its values in a dict: reading it there skips Mapping.get's KeyError path
+    _ENV_DATA, _ENV_KEY = os.environ._data, os.environ.encodekey(_ENV)  # type: ignore[attr-defined]
+except AttributeError:  # another os.environ implementation: read it the ordinary way
+    _ENV_DATA, _ENV_KEY = None, None
+
+
+def _env_raw():
+    return _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else os.environ.get(_ENV)
 
 
 def backend_for(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor):
@@ -152,8 +161,7 @@ def backend_for(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     class (sizes of 2**31 and more are never remembered). So ``use_backend``, ``set_backend`` and the
     environment variable take effect at once, and a named backend that cannot run raises on every call."""
     K, N = weight.shape[1], weight.shape[0]
-    key = (_context_choice.get(), _process_default, os.environ.get("LORA_FUSED_BACKEND"), x.device, x.dtype,
-           lora_B.shape[1], lora_A.shape[0])
+    key = (_context_choice.get(), _process_default, _env_raw(), x.device, x.dtype, lora_B.shape[1], lora_A.shape[0])
     hit = _selection_cache.get(key)
     if hit is None or x.numel() >= _BIG or K >= _BIG or N >= _BIG:
         try:

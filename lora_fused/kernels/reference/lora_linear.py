@@ -17,7 +17,7 @@ per direction, never stored: the op saves ``x`` only for dA or dW, ``h`` only fo
 ``x`` may be None when neither dA nor dW is needed, ``h`` None when dB is not.
 
 Several targets (or one on part of the outputs) are applied in one of three ways, all the same math:
-small problems (``M·N·T·r <= SMALL``, where host time dominates) scatter ``B`` into a zero-padded ``(N, T·r)``
+small problems (``M·N·T·r <= SMALL``, where host time dominates) scatter ``B`` into a zero-padded ``(T·r, N)``
 matrix and use one GEMM; targets of equal width at evenly spaced offsets (q and v of a fused qkv, or all three)
 run as one batch (``baddbmm``/``bmm`` on strided views of ``y`` and ``g``); other layouts loop over the targets.
 """
@@ -45,7 +45,7 @@ def iter_slices(lora_slices: Sequence[int], r: int):
 
 SMALL = 1 << 16  # M·N·T·r at or below which the padded-B form is used (its extra zero products cost less than calls)
 
-_pad_index: dict = {}  # (slices, r, N, device) -> positions of B's elements in the flat (N, T·r) padded matrix
+_pad_index: dict = {}  # (slices, r, N, device) -> positions of B's elements in the flat (T·r, N) padded matrix
 
 
 def _layout(lora_slices: Sequence[int], n_out: int, rows: int, r: int):
@@ -67,22 +67,20 @@ def _layout(lora_slices: Sequence[int], n_out: int, rows: int, r: int):
     return "batched", T, n, step, off0
 
 
-def _padded_B(lora_B: torch.Tensor, lora_slices: Sequence[int], n_out: int):
-    """``(B_pad, index)``: ``B_pad`` (N, T·r) is zero but for ``B_t`` at rows ``off_t … off_t+n_t`` and columns
-    ``t·r … (t+1)·r``, so ``y += s · h B_padᵀ`` applies every target with one GEMM; ``index`` maps B's flat
-    elements to their places in the flat ``B_pad``."""
+def _padded_Bt(lora_B: torch.Tensor, lora_slices: Sequence[int], n_out: int):
+    """``(B_padᵀ, index)``: ``B_padᵀ`` (T·r, N) is zero but for ``B_tᵀ`` at rows ``t·r … (t+1)·r`` and columns
+    ``off_t … off_t+n_t``, so ``y += s · h B_padᵀ`` applies every target with one GEMM; ``index`` (shaped like
+    ``B``) holds each element's flat position in ``B_padᵀ`` (``put_`` / ``take``)."""
     r = lora_B.shape[1]
-    T = len(lora_slices) // 2
     key = (tuple(lora_slices), r, n_out, lora_B.device)
     index = _pad_index.get(key)
     if index is None:
-        flat = []
+        rows = []
         for t, (_, b_rows, cols) in enumerate(iter_slices(lora_slices, r)):
             for i in range(b_rows.stop - b_rows.start):
-                flat.extend((cols.start + i) * T * r + t * r + j for j in range(r))
-        index = _pad_index[key] = torch.tensor(flat, dtype=torch.int64, device=lora_B.device)
-    padded = lora_B.new_zeros(n_out * T * r).index_copy_(0, index, lora_B.reshape(-1))
-    return padded.view(n_out, T * r), index
+                rows.append([(t * r + j) * n_out + cols.start + i for j in range(r)])
+        index = _pad_index[key] = torch.tensor(rows, dtype=torch.int64, device=lora_B.device).view(-1, r)
+    return lora_B.new_zeros((len(lora_slices) // 2 * r, n_out)).put_(index, lora_B), index
 
 
 def _columns(t: torch.Tensor, T: int, n: int, step: int, off0: int) -> torch.Tensor:
@@ -141,7 +139,7 @@ def lora_linear_forward_ref(
     if layout[0] == "full":
         y.addmm_(h, lora_B.t(), alpha=scaling)
     elif layout[0] == "padded":
-        y.addmm_(h, _padded_B(lora_B, lora_slices, y.shape[1])[0].t(), alpha=scaling)
+        y.addmm_(h, _padded_Bt(lora_B, lora_slices, y.shape[1])[0], alpha=scaling)
     elif layout[0] == "batched":
         _, T, n, step, off0 = layout
         h3 = h.view(h.shape[0], T, r).transpose(0, 1)  # h is fresh and contiguous
@@ -181,12 +179,12 @@ def lora_linear_backward_ref(
     u = None  # g B per target: (M, T·r)
     padded = None
     if layout[0] == "padded" and (need_dx or need_da or need_dlb):
-        padded = _padded_B(lora_B, lora_slices, g.shape[1])
+        padded = _padded_Bt(lora_B, lora_slices, g.shape[1])
     if need_dx or need_da:
         if layout[0] == "full":
             u = torch.mm(g, lora_B)
         elif padded is not None:
-            u = torch.mm(g, padded[0])
+            u = torch.mm(g, padded[0].t())
         elif layout[0] == "batched":
             _, T, n, step, off0 = layout
             u = torch.bmm(_columns(g, T, n, step, off0), lora_B.reshape(T, n, r)).transpose(0, 1).reshape(M, T * r)
@@ -197,8 +195,7 @@ def lora_linear_backward_ref(
         if layout[0] == "full":
             dB = torch.addmm(lora_B, g.t(), h, beta=0, alpha=scaling)
         elif padded is not None:
-            d_padded = torch.addmm(padded[0], g.t(), h, beta=0, alpha=scaling)
-            dB = d_padded.view(-1).index_select(0, padded[1]).view_as(lora_B)
+            dB = torch.addmm(padded[0], h.t(), g, beta=0, alpha=scaling).take(padded[1])
         elif layout[0] == "batched":
             _, T, n, step, off0 = layout
             g3 = _columns(g, T, n, step, off0)
