@@ -20,13 +20,12 @@ the host's issue rate while the tiny kernels keep up.
 from __future__ import annotations
 
 import gc
-import random
 import statistics
-import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from . import harness
 from .harness import Shape
 from .methods import OPS, as_tuple, grads_for, make_base
 
@@ -67,31 +66,22 @@ def _step(module, x: torch.Tensor, g: torch.Tensor, params: List[torch.Tensor], 
 
 def time_rounds(fns: Dict[str, Callable[[int], None]], device: str, rounds: int, calls: int, seed: int = 0
                 ) -> Dict[str, List[float]]:
-    """µs per call of each ``fns[name](calls)``, one value per round; rounds interleaved in a shuffled order."""
-    is_cuda = torch.device(device).type == "cuda"
+    """µs per call of each ``fns[name](calls)``, one value per round; rounds interleaved in a shuffled order
+    (:func:`benchmarks.harness.time_interleaved` with host clocks; on CUDA each round ends with a synchronize)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def batch(fn):
+        def run():
+            fn(calls)
+            sync()
+
+        return run
+
     for fn in fns.values():  # warm-up: caches, lazy imports, first-call paths
         fn(max(1, calls // 10))
-    rng = random.Random(seed)
-    out: Dict[str, List[float]] = {name: [] for name in fns}
-    gc.collect()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for _ in range(rounds):
-            order = list(fns)
-            rng.shuffle(order)
-            for name in order:
-                if is_cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                fns[name](calls)
-                if is_cuda:
-                    torch.cuda.synchronize()
-                out[name].append((time.perf_counter() - t0) * 1e6 / calls)
-    finally:
-        if was_enabled:
-            gc.enable()
-    return out
+    sync()
+    ms = harness.time_interleaved({name: batch(fn) for name, fn in fns.items()}, "cpu", rounds, 0, seed=seed)
+    return {name: [t * 1e3 / calls for t in times] for name, times in ms.items()}
 
 
 def run_host_overhead(
