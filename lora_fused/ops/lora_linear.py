@@ -151,8 +151,6 @@ _AUTOCAST_DEVICE_TYPES: dict = {}  # device type -> whether torch.autocast exist
 
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype active for ``device``'s type, or None."""
-    if not torch._C._is_any_autocast_enabled():
-        return None
     device_type = device.type
     ok = _AUTOCAST_DEVICE_TYPES.get(device_type)
     if ok is None:
@@ -186,14 +184,15 @@ def prepare_inputs(x, weight, bias, lora_A, lora_B, where):
     a callable returning that name (called only to build an error message)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{_name(where)}: expected a Tensor input, got {type(x).__name__}")
-    K = weight.shape[1]
-    if (x.dim() == 0 or x.shape[-1] != K or lora_A.dim() != 2 or lora_A.shape[1] != K or lora_B.dim() != 2
-            or lora_B.shape[1] == 0 or lora_A.shape[0] % lora_B.shape[1]):
+    xs, a_shape, b_shape, K = x.shape, lora_A.shape, lora_B.shape, weight.shape[1]
+    if (not xs or xs[-1] != K or len(a_shape) != 2 or a_shape[1] != K or len(b_shape) != 2 or not b_shape[1]
+            or a_shape[0] % b_shape[1]):
         raise _shape_error(x, weight, lora_A, lora_B, where)
     device = x.device
-    autocast = _autocast_dtype(device)
-    if autocast is not None:
-        x, weight = x.to(autocast), weight.to(autocast)
+    if torch._C._is_any_autocast_enabled():
+        autocast = _autocast_dtype(device)
+        if autocast is not None:
+            x, weight = x.to(autocast), weight.to(autocast)
     dtype = x.dtype
     if weight.dtype != dtype or weight.device != device:
         raise LoRADtypeError(
