@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from . import harness, report, suite
+from . import harness, host_overhead, report, suite
 from .methods import OPS
 
 DEFAULTS = {
@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per method (default 12 CPU, 50 CUDA)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per method (default 1 CPU, 10 CUDA)")
     p.add_argument("--no-peft", action="store_true", help="leave PEFT out even when it is installed")
+    p.add_argument("--host-overhead", dest="host_overhead", action="store_true", default=None,
+                   help="add the host-overhead table (µs per call at a tiny shape; default: on, except with --quick)")
+    p.add_argument("--no-host-overhead", dest="host_overhead", action="store_false")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", default=None, help="output directory (default benchmarks/results/<device>-<date>/)")
@@ -136,6 +139,9 @@ def resolve(args: argparse.Namespace) -> Dict:
         "notes": notes,
         "progress": not args.no_progress,
         "seed": args.seed,
+        "host_overhead": (not args.quick) if args.host_overhead is None else args.host_overhead,
+        "host_rounds_calls": (host_overhead.QUICK_ROUNDS, host_overhead.QUICK_CALLS) if args.quick
+        else (host_overhead.DEFAULT_ROUNDS, host_overhead.DEFAULT_CALLS),
     }
 
 
@@ -173,6 +179,16 @@ def run(cfg: Dict, on_case=None) -> List[Dict]:
     finally:
         if bar is not None:
             bar.close()
+    if cfg.get("host_overhead"):
+        t_host = time.time()
+        rounds, calls = cfg["host_rounds_calls"]
+        rows += host_overhead.run_host_overhead(
+            device=cfg["device"], dtype=cfg["dtype"], backends=cfg["backends"], with_peft=cfg["with_peft"],
+            rounds=rounds, calls=calls, seed=cfg["seed"],
+        )
+        print(f"[benchmarks] host overhead: done in {time.time() - t_host:.0f} s", flush=True)
+        if on_case is not None:
+            on_case(rows)
     return rows
 
 
@@ -191,6 +207,7 @@ def write_outputs(rows: List[Dict], cfg: Dict, command: str, plots: bool = True,
         "ops": cfg["ops"],
         "shapes": {s.name: s.mkn for s in cfg["shapes"]},
         "backends": cfg["backends"],
+        "host_overhead": cfg.get("host_overhead", False),
         "reps": cfg["reps"],
         "warmup": cfg["warmup"],
         "notes": cfg["notes"],
@@ -253,6 +270,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     paths = write_outputs(rows, cfg, command.strip(), plots=not args.no_plots)
     print()
     print(report.console_table(report.complete_rows(rows, {})))
+    host_lines = host_overhead.markdown(rows)
+    if host_lines:
+        print("\n".join(host_lines))
     for line in report.headline(rows):
         print(line)
     print(f"\n{len(rows)} rows in {time.time() - t0:.0f} s; written to {cfg['out']}:")

@@ -65,6 +65,10 @@ def groups(rows: Sequence[Dict]):
 
 
 def markdown(rows: Sequence[Dict], meta: Dict) -> str:
+    from .host_overhead import is_host_row, markdown as host_markdown
+
+    host_lines = host_markdown(rows)
+    rows = [r for r in rows if not is_host_row(r)]
     lines = []
     if meta:
         lines.append(
@@ -118,10 +122,15 @@ def markdown(rows: Sequence[Dict], meta: Dict) -> str:
         "saved / x: that over bytes(x). peak (CUDA): peak allocated memory of one call above what was allocated "
         "before it. rel err: max |out - plain| / max |plain| of the eval forward at p=0."
     )
+    if host_lines:
+        lines += [""] + host_lines
     return "\n".join(lines) + "\n"
 
 
 def console_table(rows: Sequence[Dict]) -> str:
+    from .host_overhead import is_host_row
+
+    rows = [r for r in rows if not is_host_row(r)]
     out = []
     show_peak = any(r.get("peak_bytes") not in (None, "") for r in rows)
     hdr = f"{'op':<7}{'shape':<12}{'mode':<9}{'method':<20}{'p':>5}{'median ms':>11}{'IQR':>9}{'x floor':>9}{'paired':>8}{'saved MiB':>11}{'/x':>7}"
@@ -156,6 +165,9 @@ def plot(rows: Sequence[Dict], out_dir: str, title: str = "") -> List[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .host_overhead import is_host_row
+
+    rows = [r for r in rows if not is_host_row(r)]
     written = []
     modes = [m for m in ("fwd", "fwd+bwd") if any(r["mode"] == m for r in rows)]
     fig, axes = plt.subplots(1, max(1, len(modes)), figsize=(7 * max(1, len(modes)), 4.8), squeeze=False)
@@ -230,8 +242,10 @@ def _grouped_bars(ax, rows: Sequence[Dict], key: str, tf) -> None:
 
 def headline(rows: Sequence[Dict]) -> List[str]:
     """One line per (op, shape) at fwd+bwd with the largest p: ratios to the floor and saved / x per method."""
+    from .host_overhead import is_host_row
+
     lines = []
-    for (op, shape, mode), rs in groups(rows).items():
+    for (op, shape, mode), rs in groups([r for r in rows if not is_host_row(r)]).items():
         if mode != "fwd+bwd":
             continue
         pmax = max(r["p"] for r in rs)

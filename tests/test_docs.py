@@ -99,10 +99,6 @@ def test_fence_parser_handles_info_strings_and_inline_backticks(tmp_path):
 # ----------------------------------------------------------------------------------------------- self-contained
 # Documents that live outside the repository must not be cited by it.
 FOREIGN = re.compile(r"shared/(?:design|spec|research)|\bAPI\.md\b|\bKERNELS\.md\b|\bKERNEL_REVIEW\.md\b|\bANCHORS\.md\b")
-# Files whose owners are removing such citations in parallel work; empty this set once that work is merged.
-PENDING_CITATIONS = {
-    "lora_fused/kernels/reference/dropout.py", "lora_fused/kernels/reference/lora_linear.py",
-}
 
 
 def _tracked_text_files():
@@ -119,7 +115,7 @@ def test_no_file_cites_documents_outside_the_repository():
     this = Path(__file__).relative_to(ROOT).as_posix()
     offenders = []
     for name in _tracked_text_files():
-        if name == this or name in PENDING_CITATIONS or name.startswith("benchmarks/results/"):
+        if name == this or name.startswith("benchmarks/results/"):
             continue
         path = ROOT / name
         if not path.is_file():

@@ -92,6 +92,9 @@ def use_backend(name: str) -> Iterator[str]:
         _context_choice.reset(token)
 
 
+_env_choice = [None, "auto"]  # [raw LORA_FUSED_BACKEND value, its checked choice]: parsed once per value
+
+
 def get_backend() -> str:
     """The backend name requested for the current context (``"auto"`` unless set)."""
     name = _context_choice.get()
@@ -99,7 +102,11 @@ def get_backend() -> str:
         return name
     if _process_default is not None:
         return _process_default
-    return _check_choice(os.environ.get("LORA_FUSED_BACKEND", "auto").strip().lower() or "auto")
+    raw = os.environ.get("LORA_FUSED_BACKEND")
+    if raw != _env_choice[0]:
+        choice = _check_choice((raw or "auto").strip().lower() or "auto")  # raises for a bad or unusable name
+        _env_choice[:] = [raw, choice]
+    return _env_choice[1]
 
 
 def requested_backend() -> str:
@@ -130,6 +137,42 @@ def select_backend(requested: str, x: torch.Tensor, weight: torch.Tensor, lora_A
     if reason is not None:
         raise BackendUnavailableError(f"lora_fused backend {requested!r} cannot run these tensors: {reason}")
     return impl
+
+
+_selection_cache: dict = {}
+_BIG = 2**31
+_ENV = "LORA_FUSED_BACKEND"
+try:  # CPython's os.environ keeps its values in a dict: reading it there skips Mapping.get's KeyError path
+    _ENV_DATA, _ENV_KEY = os.environ._data, os.environ.encodekey(_ENV)  # type: ignore[attr-defined]
+except AttributeError:  # another os.environ implementation: read it the ordinary way
+    _ENV_DATA, _ENV_KEY = None, None
+
+
+def _env_raw():
+    return _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else os.environ.get(_ENV)
+
+
+def backend_for(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor):
+    """The backend object that runs these tensors for the name requested in this context (``get_backend``),
+    for tensors that share ``x``'s dtype and device (the ops check that first); ``x`` is (..., K).
+
+    The answer is remembered per (context choice, process default, ``LORA_FUSED_BACKEND`` value, device,
+    dtype, rank, adapter rows): every backend's ``reject_reason`` is a function of these and of the size
+    class (sizes of 2**31 and more are never remembered). So ``use_backend``, ``set_backend`` and the
+    environment variable take effect at once, and a named backend that cannot run raises on every call."""
+    K, N = weight.shape[1], weight.shape[0]
+    key = (_context_choice.get(), _process_default, _env_raw(), x.device, x.dtype, lora_B.shape[1], lora_A.shape[0])
+    hit = _selection_cache.get(key)
+    if hit is None or x.numel() >= _BIG or K >= _BIG or N >= _BIG:
+        try:
+            hit = select_backend(get_backend(), x.reshape(-1, K), weight, lora_A, lora_B)
+        except BackendUnavailableError as exc:
+            hit = exc
+        if x.numel() < _BIG and K < _BIG and N < _BIG:
+            _selection_cache[key] = hit
+    if isinstance(hit, BackendUnavailableError):
+        raise BackendUnavailableError(str(hit))
+    return hit
 
 
 def describe_backends() -> List[tuple]:

@@ -299,7 +299,7 @@ class LoRABase(nn.Linear):
         spec = adapter.spec
         return lora_apply(
             x, self.weight, self.bias, adapter.lora_A, adapter.lora_B, spec.scaling, spec.lora_dropout,
-            self.training, spec.slices, self._describe(),
+            self.training, spec.slices, self._describe,
         )
 
     # -- merge -----------------------------------------------------------------------------------------------

@@ -5,22 +5,31 @@
 Registered ops (namespace ``lora_fused``):
 
 * ``lora_linear(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, lora_slices, backend) -> (y, h)``
-  with ``x`` (..., K) (M rows once flattened), ``weight`` (N, K), ``bias`` (N,) or None, ``lora_A`` (T·r, K), ``lora_B`` (ΣN_t, r),
-  ``seed`` an int64 one-element tensor (None when ``dropout_p == 0``), ``lora_slices`` the flat
-  ``[off_0, n_0, …]`` output columns of each target (``[0, N]`` for a plain layer), ``backend`` the requested
-  backend name; returns ``y`` (..., N) and ``h = dropout(x) Aᵀ`` (M, T·r). The op flattens ``x`` itself (so
-  a non-contiguous input is saved as it is, not as a copy) and its ``y`` is a fresh tensor, not a view
-  (FSDP2 warns about modules returning views).
+  with ``x`` (..., K) (M rows once flattened), ``weight`` (N, K), ``bias`` (N,) or None, ``lora_A`` (T·r, K),
+  ``lora_B`` (ΣN_t, r), ``seed`` an int64 one-element tensor (None when ``dropout_p == 0``), ``lora_slices``
+  the flat ``[off_0, n_0, …]`` output columns of each target (``[0, N]`` for a plain layer), ``backend`` the
+  requested backend name; returns ``y`` (..., N) and ``h = dropout(x) Aᵀ`` (M, T·r). The op flattens ``x``
+  itself (so a non-contiguous input is saved as it is, not as a copy) and its ``y`` is a fresh tensor, not a
+  view (FSDP2 warns about modules returning views).
 * ``lora_linear_backward(grad_y, x, weight, lora_A, lora_B, h, seed, scaling, dropout_p, lora_slices, backend,
-  needs) -> [dx, dW, db, dA, dB]`` (an empty tensor where ``needs`` is False).
+  needs) -> [dx, dW, db, dA, dB]`` (an empty tensor where ``needs`` is False); ``x`` is None when neither dA
+  nor dW is needed, ``h`` None when dB is not. ``grad_y`` is (..., N) and ``dx`` has its leading dimensions.
 
-Autograd saves ``x``, ``h`` and the seed (plus the parameters themselves, not copies): no dropped copy of ``x``
-and no mask. The dropout mask is regenerated from the seed in backward.
+Autograd saves only what the needed gradients require (:mod:`lora_fused.ops._grad_plan`): ``x`` for dA or dW,
+``h`` for dB, the seed for the mask of dx or dA; never a dropped copy of ``x`` nor the mask, which backward
+regenerates from the seed.
+
+Two routes run the same backend functions. ``torch.compile``, ``torch.export``, tracing, fake/meta tensors and
+any active ``TorchDispatchMode`` (e.g. ``FlopCounterMode``) see the registered op. Plain eager calls take a
+shorter route with the same math and the same saved tensors (:mod:`lora_fused.ops._eager`): the
+``torch.library`` dispatch costs tens of microseconds of host time per layer and step, more than the layer's
+GPU kernels at ViT sizes.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -28,8 +37,9 @@ from torch import Tensor
 
 from .._errors import LoRADtypeError, LoRAShapeError
 from ..backends import requested_backend, select_backend
-
-_GRAD_INPUTS = 5  # x, weight, bias, lora_A, lora_B
+from . import _eager
+from ._eager import rows as _rows, unflatten as _unflatten
+from ._grad_plan import GRAD_INPUTS, saved
 
 
 @torch.library.custom_op("lora_fused::lora_linear", mutates_args=())
@@ -57,23 +67,14 @@ def _(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, lora_slices, ba
     return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(rows, lora_A.shape[0])
 
 
-def _rows(t: Tensor) -> Tensor:
-    return t.reshape(-1, t.shape[-1])
-
-
-def _unflatten(t: Tensor, shape) -> Tensor:
-    """``t`` viewed as ``shape``, returned as a tensor of its own rather than a view (same storage)."""
-    return t if t.shape == shape else t.view(shape).detach()
-
-
 @torch.library.custom_op("lora_fused::lora_linear_backward", mutates_args=())
 def _lora_linear_backward_op(
     grad_y: Tensor,
-    x: Tensor,
+    x: Optional[Tensor],
     weight: Tensor,
     lora_A: Tensor,
     lora_B: Tensor,
-    h: Tensor,
+    h: Optional[Tensor],
     seed: Optional[Tensor],
     scaling: float,
     dropout_p: float,
@@ -81,35 +82,34 @@ def _lora_linear_backward_op(
     backend: str,
     needs: List[bool],
 ) -> List[Tensor]:
-    x2 = _rows(x)
-    impl = select_backend(backend, x2, weight, lora_A, lora_B)
-    grads = list(impl.backward(_rows(grad_y), x2, weight, lora_A, lora_B, h, scaling, dropout_p, seed, lora_slices, needs))
+    g2 = _rows(grad_y)
+    x2 = _rows(x) if x is not None else None
+    # ``grad_y`` stands in for ``x`` in the choice when x was not kept: same device and dtype, also 2-D.
+    impl = select_backend(backend, x2 if x2 is not None else g2, weight, lora_A, lora_B)
+    grads = list(impl.backward(g2, x2, weight, lora_A, lora_B, h, scaling, dropout_p, seed, lora_slices, needs))
     if grads[0] is not None:
-        grads[0] = _unflatten(grads[0], x.shape)
-    return [g if g is not None else x.new_empty(0) for g in grads]
-
-
-def _grad_shapes(x, weight, lora_A, lora_B, needs):
-    shapes = (x.shape, weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
-    return [shape if need else (0,) for shape, need in zip(shapes, needs)]
+        grads[0] = _unflatten(grads[0], (*grad_y.shape[:-1], weight.shape[1]))
+    return [g if g is not None else grad_y.new_empty(0) for g in grads]
 
 
 @_lora_linear_backward_op.register_fake
 def _(grad_y, x, weight, lora_A, lora_B, h, seed, scaling, dropout_p, lora_slices, backend, needs):
-    return [x.new_empty(shape) for shape in _grad_shapes(x, weight, lora_A, lora_B, needs)]
+    shapes = ((*grad_y.shape[:-1], weight.shape[1]), weight.shape, weight.shape[:1], lora_A.shape, lora_B.shape)
+    return [grad_y.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs)]
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, lora_slices, backend = inputs
     _, h = output
     ctx.mark_non_differentiable(h)
-    ctx.save_for_backward(x, weight, lora_A, lora_B, h, seed)
-    ctx.hyper = (scaling, dropout_p, list(lora_slices), backend)
+    x_kept, h_kept, seed_kept, p_backward = saved(x, h, seed, ctx.needs_input_grad, dropout_p)
+    ctx.save_for_backward(x_kept, weight, lora_A, lora_B, h_kept, seed_kept)
+    ctx.hyper = (scaling, p_backward, list(lora_slices), backend)
 
 
 def _backward(ctx, grad_y, grad_h):
     x, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
-    needs = list(ctx.needs_input_grad[:_GRAD_INPUTS])
+    needs = list(ctx.needs_input_grad[:GRAD_INPUTS])
     if not any(needs):
         return (None,) * 10
     scaling, dropout_p, lora_slices, backend = ctx.hyper
@@ -146,53 +146,102 @@ def draw_seed(x: Tensor) -> Tensor:
     return seed
 
 
-def _same(a: Tensor, b: Tensor) -> bool:
-    return a.dtype == b.dtype and a.device == b.device
+_AUTOCAST_DEVICE_TYPES: dict = {}  # device type -> whether torch.autocast exists for it (not for "meta")
 
 
-def prepare_inputs(x, weight, bias, lora_A, lora_B, where: str):
-    """Check shapes, dtypes and devices; apply autocast; return ``(x, weight, bias, lora_A, lora_B)`` with
-    one dtype. ``where`` names the caller in error messages (e.g. ``"LoRALinear(in_features=768, …)"``)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{where}: expected a Tensor input, got {type(x).__name__}")
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype active for ``device``'s type, or None."""
+    device_type = device.type
+    ok = _AUTOCAST_DEVICE_TYPES.get(device_type)
+    if ok is None:
+        ok = _AUTOCAST_DEVICE_TYPES[device_type] = torch.amp.is_autocast_available(device_type)
+    if ok and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _name(where) -> str:
+    return where() if callable(where) else where
+
+
+def _shape_error(x, weight, lora_A, lora_B, where) -> LoRAShapeError:
     in_features = weight.shape[1]
     if x.dim() == 0 or x.shape[-1] != in_features:
-        raise LoRAShapeError(
-            f"{where}: input of shape {tuple(x.shape)} does not end in in_features={in_features}; "
+        return LoRAShapeError(
+            f"{_name(where)}: input of shape {tuple(x.shape)} does not end in in_features={in_features}; "
             f"expected (..., {in_features})"
         )
     if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
-        raise LoRAShapeError(f"{where}: lora_A has shape {tuple(lora_A.shape)}, expected (r, {in_features})")
-    if lora_B.dim() != 2 or lora_A.shape[0] % lora_B.shape[1] != 0:
-        raise LoRAShapeError(f"{where}: lora_B has shape {tuple(lora_B.shape)}, incompatible with lora_A {tuple(lora_A.shape)}")
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
-        bias = bias.to(dtype) if bias is not None else None
-    elif not _same(x, weight):
+        return LoRAShapeError(f"{_name(where)}: lora_A has shape {tuple(lora_A.shape)}, expected (r, {in_features})")
+    return LoRAShapeError(
+        f"{_name(where)}: lora_B has shape {tuple(lora_B.shape)}, incompatible with lora_A {tuple(lora_A.shape)}"
+    )
+
+
+def prepare_inputs(x, weight, bias, lora_A, lora_B, where):
+    """Check shapes, dtypes and devices; apply autocast; return ``(x, weight, bias, lora_A, lora_B)`` with
+    one dtype. ``where`` names the caller in error messages (e.g. ``"LoRALinear(in_features=768, …)"``), or is
+    a callable returning that name (called only to build an error message)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{_name(where)}: expected a Tensor input, got {type(x).__name__}")
+    xs, a_shape, b_shape, K = x.shape, lora_A.shape, lora_B.shape, weight.shape[1]
+    if (not xs or xs[-1] != K or len(a_shape) != 2 or a_shape[1] != K or len(b_shape) != 2 or not b_shape[1]
+            or a_shape[0] % b_shape[1]):
+        raise _shape_error(x, weight, lora_A, lora_B, where)
+    device = x.device
+    if torch._C._is_any_autocast_enabled():
+        autocast = _autocast_dtype(device)
+        if autocast is not None:
+            x, weight = x.to(autocast), weight.to(autocast)
+    dtype = x.dtype
+    if weight.dtype != dtype or weight.device != device:
         raise LoRADtypeError(
-            f"{where}: input is {x.dtype} on {x.device} but the weight is {weight.dtype} on {weight.device}; "
+            f"{_name(where)}: input is {x.dtype} on {x.device} but the weight is {weight.dtype} on {weight.device}; "
             "cast the input (or use torch.autocast)"
         )
-    if x.device != lora_A.device or x.device != lora_B.device or (bias is not None and bias.device != x.device):
-        raise LoRADtypeError(f"{where}: input on {x.device} but the bias or adapters are on another device")
+    if lora_A.device != device or lora_B.device != device or (bias is not None and bias.device != device):
+        raise LoRADtypeError(f"{_name(where)}: input on {device} but the bias or adapters are on another device")
     # Adapters kept in another precision (e.g. float32 adapters on a bf16 base) are cast, tracked by autograd.
-    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    if bias is not None:
-        bias = bias.to(x.dtype)
+    if lora_A.dtype != dtype:
+        lora_A = lora_A.to(dtype)
+    if lora_B.dtype != dtype:
+        lora_B = lora_B.to(dtype)
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
     return x, weight, bias, lora_A, lora_B
 
 
+def _onnx_exporting() -> bool:
+    # torch.onnx is imported only by an export: when it is absent, nothing is exporting (and importing it
+    # here would cost every call).
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
+_onnx_exporting._dynamo_marked_constant = True  # type: ignore[attr-defined]  (see backends.requested_backend)
+
+
 def lora_apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, lora_slices: Sequence[int], where):
-    """Shared body of :func:`lora_linear` and :func:`~lora_fused.ops.lora_qkv`: validate, flatten to 2-D,
-    draw the seed when dropout is active, call the op, restore the leading dimensions."""
+    """Shared body of :func:`lora_linear`, :func:`~lora_fused.ops.lora_qkv` and the modules: validate, apply
+    autocast, draw the seed when dropout is active, run the op (by the eager route when nothing traces it).
+
+    ``lora_slices``: the flat ``[off_0, n_0, …]`` output columns of each target; ``where``: the caller's name
+    for error messages, or a callable returning it."""
     x, weight, bias, lora_A, lora_B = prepare_inputs(x, weight, bias, lora_A, lora_B, where)
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{where}: dropout_p must be in [0, 1), got {dropout_p}")
+        raise ValueError(f"{_name(where)}: dropout_p must be in [0, 1), got {dropout_p}")
     p = float(dropout_p) if training else 0.0
+    if _eager.eligible(x):
+        seed = draw_seed(x) if p > 0.0 else None
+        return _eager.run(x, weight, bias, lora_A, lora_B, seed, float(scaling), p, lora_slices)
+    if _onnx_exporting():
+        from .onnx import export_forward
+
+        return export_forward(x, weight, bias, lora_A, lora_B, float(scaling), p, lora_slices, _name(where))
     seed = draw_seed(x) if p > 0.0 else None
-    y, _ = _lora_linear_op(x, weight, bias, lora_A, lora_B, seed, float(scaling), p, list(lora_slices), requested_backend())
+    y, _ = _lora_linear_op(
+        x, weight, bias, lora_A, lora_B, seed, float(scaling), p, list(lora_slices), requested_backend()
+    )
     return y
 
 

@@ -1,7 +1,7 @@
 """Pure-PyTorch forward and backward of the (sliced) LoRA linear; the ``"torch"`` backend and the reference.
 
-Notation (``shared/design/KERNELS.md``): ``x`` (M, K), ``W`` (N, K), ``b`` (N,), ``s`` the scaling, ``p`` the
-dropout rate, ``m`` the keep mask regenerated from ``seed``, ``x̂ = m∘x/(1-p)``.
+Notation (``docs/design.md``): ``x`` (M, K), ``W`` (N, K), ``b`` (N,), ``s`` the scaling, ``p`` the dropout
+rate, ``m`` the keep mask regenerated from ``seed``, ``c = 1/(1-p)`` (1 without dropout), ``x̂ = c·m∘x``.
 
 Adapters of ``T`` targets are packed: ``A`` is ``(T·r, K)`` (target ``t`` owns rows ``t·r … (t+1)·r``),
 ``B`` is ``(ΣN_t, r)`` (targets' rows concatenated in order), and ``lora_slices`` is the flat list
@@ -9,20 +9,30 @@ Adapters of ``T`` targets are packed: ``A`` is ``(T·r, K)`` (target ``t`` owns 
 A plain ``LoRALinear`` is ``T = 1`` with ``lora_slices = [0, N]``.
 
 Forward:   h = x̂ Aᵀ (M, T·r);   y = x Wᵀ + b;   y[:, slice_t] += s · h_t B_tᵀ
-Backward:  dh_t = s · g_t B_t;  dB_t = s · g_tᵀ h_t;  dA = dhᵀ x̂;  dx = g W + m∘(dh A)/(1-p);
-           dW = gᵀ x;  db = Σ_rows g      (dW, db only when asked for)
+Backward:  u_t = g_t B_t (so dh = s·u);  dB_t = s · g_tᵀ h_t;  dA = s·c · uᵀ (m∘x);
+           dx = g W + s·c · m∘(u A);  dW = gᵀ x;  db = Σ_rows g      (each only when asked for)
 
-Every ``1/(1-p)`` is applied to the small M×r tensors, so each direction touches ``x`` with one masked
-copy at most and never stores it. Saved for backward by the op: ``x``, ``h``, the seed.
+Scalars ride on the GEMMs (``alpha``/``beta``) rather than on extra passes, and ``x`` is masked at most once
+per direction, never stored: the op saves ``x`` only for dA or dW, ``h`` only for dB, the seed for the mask.
+``x`` may be None when neither dA nor dW is needed, ``h`` None when dB is not.
+
+Several targets (or one on part of the outputs) are applied in one of three ways, all the same math:
+small problems (``M·N·T·r <= SMALL``, where host time dominates) scatter ``B`` into a zero-padded ``(T·r, N)``
+matrix and use one GEMM; targets of equal width at evenly spaced offsets (q and v of a fused qkv, or all three)
+run as one batch (``baddbmm``/``bmm`` on strided views of ``y`` and ``g``); other layouts loop over the targets.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import threading
+from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
-from .dropout import dropout_keep_mask, dropout_scale
+from .dropout import dropout_keep_mask, dropout_scale, hashed_keep_mask
+
+Seed = Union[int, torch.Tensor, None]
 
 
 def iter_slices(lora_slices: Sequence[int], r: int):
@@ -34,14 +44,69 @@ def iter_slices(lora_slices: Sequence[int], r: int):
         b_off += n
 
 
-def _is_full(lora_slices: Sequence[int], n_out: int) -> bool:
-    return len(lora_slices) == 2 and lora_slices[0] == 0 and lora_slices[1] == n_out
+SMALL = 1 << 16  # M·N·T·r at or below which the padded-B form is used (its extra zero products cost less than calls)
+
+_scratch = threading.local()
+_pad_index: dict = {}  # (slices, r, N, device) -> positions of B's elements in the flat (T·r, N) padded matrix
 
 
-def _drop_mask(seed: Optional[int], x: torch.Tensor, p: float) -> Optional[torch.Tensor]:
-    if p <= 0.0:
-        return None
-    return ~dropout_keep_mask(seed, x.shape[0], x.shape[1], p, x.device)
+def _layout(lora_slices: Sequence[int], n_out: int, rows: int, r: int):
+    """How the targets are applied: ``("full",)`` (one target over all outputs), ``("padded",)``,
+    ``("batched", T, n, step, off_0)`` for ``T`` targets of width ``n`` at offsets ``off_0 + t·step``
+    (``step >= n``), or ``("loop",)``."""
+    T = len(lora_slices) // 2
+    off0, n = lora_slices[0], lora_slices[1]
+    if T == 1 and off0 == 0 and n == n_out:
+        return ("full",)
+    if rows * n_out * T * r <= SMALL:
+        return ("padded",)
+    step = lora_slices[2] - off0 if T > 1 else n
+    if step < n:
+        return ("loop",)
+    for t in range(1, T):
+        if lora_slices[2 * t + 1] != n or lora_slices[2 * t] != off0 + t * step:
+            return ("loop",)
+    return "batched", T, n, step, off0
+
+
+def _padded_Bt(lora_B: torch.Tensor, lora_slices: Sequence[int], n_out: int):
+    """``(B_padᵀ, index)``: ``B_padᵀ`` (T·r, N) is zero but for ``B_tᵀ`` at rows ``t·r … (t+1)·r`` and columns
+    ``off_t … off_t+n_t``, so ``y += s · h B_padᵀ`` applies every target with one GEMM; ``index`` (shaped like
+    ``B``) holds each element's flat position in ``B_padᵀ`` (``put_`` / ``take``)."""
+    r = lora_B.shape[1]
+    key = (tuple(lora_slices), r, n_out, lora_B.device)
+    index = _pad_index.get(key)
+    if index is None:
+        rows = []
+        for t, (_, b_rows, cols) in enumerate(iter_slices(lora_slices, r)):
+            for i in range(b_rows.stop - b_rows.start):
+                rows.append([(t * r + j) * n_out + cols.start + i for j in range(r)])
+        index = _pad_index[key] = torch.tensor(rows, dtype=torch.int64, device=lora_B.device).view(-1, r)
+    shape = (len(lora_slices) // 2 * r, n_out)
+    if lora_B.is_cpu and not torch.is_grad_enabled():
+        # CPU ops run in call order, so one zero-padded buffer per thread and layout can be refilled in place (only
+        # B's positions are written, the zeros stay): a call less per use. It never leaves this module's GEMMs.
+        scratch = _scratch.__dict__.setdefault("pads", {})
+        buf = scratch.get((key, lora_B.dtype))
+        if buf is None:
+            with torch.inference_mode(False):
+                buf = scratch[(key, lora_B.dtype)] = torch.zeros(shape, dtype=lora_B.dtype)
+        return buf.put_(index, lora_B), index
+    return lora_B.new_zeros(shape).put_(index, lora_B), index
+
+
+def _columns(t: torch.Tensor, T: int, n: int, step: int, off0: int) -> torch.Tensor:
+    """The (T, M, n) view of the targeted columns ``off0 + τ·step … + n`` (τ < T) of a 2-D ``t``."""
+    s0, s1 = t.stride()
+    return t.as_strided((T, t.shape[0], n), (step * s1, s0, s1), t.storage_offset() + off0 * s1)
+
+
+def keep_mask(seed: Seed, rows: int, cols: int, p: float, device: torch.device) -> torch.Tensor:
+    """The torch backend's keep mask: :func:`dropout_keep_mask` for an integer seed (CPU),
+    :func:`hashed_keep_mask` for a seed tensor (other devices, no host sync)."""
+    if isinstance(seed, torch.Tensor):
+        return hashed_keep_mask(seed, rows, cols, p, device)
+    return dropout_keep_mask(seed, rows, cols, p, device)
 
 
 def lora_linear_forward_ref(
@@ -52,7 +117,7 @@ def lora_linear_forward_ref(
     lora_B: torch.Tensor,
     scaling: float,
     dropout_p: float,
-    seed: Optional[int],
+    seed: Seed,
     lora_slices: Sequence[int],
 ):
     """Return ``(y, h)``: ``y`` (M, N) the layer output and ``h = x̂ Aᵀ`` (M, T·r) for backward.
@@ -60,76 +125,99 @@ def lora_linear_forward_ref(
     Args:
         x: (M, K) input.  weight: (N, K).  bias: (N,) or None.
         lora_A: (T·r, K).  lora_B: (ΣN_t, r).  scaling: s.  dropout_p: p (0 = no dropout).
-        seed: dropout seed (ignored when p == 0).  lora_slices: ``[off_0, n_0, …]`` (see module doc).
+        seed: dropout seed, an integer or an int64 one-element tensor (ignored when p == 0).
+        lora_slices: ``[off_0, n_0, …]`` (see module doc).
     """
-    drop = _drop_mask(seed, x, dropout_p)
-    x_kept = x if drop is None else x.masked_fill(drop, 0)
-    h = x_kept @ lora_A.t()
-    if drop is not None:
-        h.mul_(dropout_scale(dropout_p))
-    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-    r = lora_B.shape[1]
-    if _is_full(lora_slices, y.shape[1]):
-        y.addmm_(h, lora_B.t(), alpha=scaling)
+    if dropout_p > 0.0:
+        # the mask in x's dtype: one conversion, then multiplies without a per-element cast (faster than bool)
+        keep = keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device).to(x.dtype)
+        h = F.linear(x * keep, lora_A).mul_(dropout_scale(dropout_p))  # x̂ Aᵀ
     else:
-        for a_rows, b_rows, cols in iter_slices(lora_slices, r):
+        h = F.linear(x, lora_A)
+    y = F.linear(x, weight, bias)
+    r = lora_B.shape[1]
+    layout = _layout(lora_slices, y.shape[1], y.shape[0], r)
+    if layout[0] == "full":
+        y.addmm_(h, lora_B.t(), alpha=scaling)
+    elif layout[0] == "padded":
+        y.addmm_(h, _padded_Bt(lora_B, lora_slices, y.shape[1])[0], alpha=scaling)
+    elif layout[0] == "batched":
+        _, T, n, step, off0 = layout
+        h3 = h.view(h.shape[0], T, r).transpose(0, 1)  # h is fresh and contiguous
+        _columns(y, T, n, step, off0).baddbmm_(h3, lora_B.reshape(T, n, r).transpose(1, 2), alpha=scaling)
+    else:
+        for a_rows, b_rows, cols in iter_slices(lora_slices, lora_B.shape[1]):
             y[:, cols].addmm_(h[:, a_rows], lora_B[b_rows].t(), alpha=scaling)
     return y, h
 
 
 def lora_linear_backward_ref(
     grad_y: torch.Tensor,
-    x: torch.Tensor,
+    x: Optional[torch.Tensor],
     weight: torch.Tensor,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    h: torch.Tensor,
+    h: Optional[torch.Tensor],
     scaling: float,
     dropout_p: float,
-    seed: Optional[int],
+    seed: Seed,
     lora_slices: Sequence[int],
     needs: Sequence[bool],
 ):
     """Gradients ``(dx, dW, db, dA, dB)``; an entry is ``None`` where ``needs`` (same order) is False.
 
     Args:
-        grad_y: (M, N) upstream gradient ``g``.  x: (M, K) the saved input.  h: (M, T·r) saved ``x̂ Aᵀ``.
+        grad_y: (M, N) upstream gradient ``g``.  x: (M, K) the saved input, or None when neither dA nor dW
+        is needed.  h: (M, T·r) saved ``x̂ Aᵀ``, or None when dB is not needed.
         Other arguments as in :func:`lora_linear_forward_ref`; the mask is regenerated from ``seed``.
     """
-    need_dx, need_dw, need_db, need_da, need_db_lora = needs
+    need_dx, need_dw, need_db, need_da, need_dlb = needs
     g = grad_y
+    M, K = g.shape[0], weight.shape[1]
     r = lora_B.shape[1]
-    full = _is_full(lora_slices, g.shape[1])
-    dh = dB = dA = dx = dW = db = None
+    layout = _layout(lora_slices, g.shape[1], M, r)
+    dx = dW = db = dA = dB = None
+    u = None  # g B per target: (M, T·r)
+    padded = None
+    if layout[0] == "padded" and (need_dx or need_da or need_dlb):
+        padded = _padded_Bt(lora_B, lora_slices, g.shape[1])
     if need_dx or need_da:
-        if full:
-            dh = (g @ lora_B).mul_(scaling)
+        if layout[0] == "full":
+            u = torch.mm(g, lora_B)
+        elif padded is not None:
+            u = torch.mm(g, padded[0].t())
+        elif layout[0] == "batched":
+            _, T, n, step, off0 = layout
+            u = torch.bmm(_columns(g, T, n, step, off0), lora_B.reshape(T, n, r)).transpose(0, 1).reshape(M, T * r)
         else:
-            dh = g.new_empty(g.shape[0], lora_A.shape[0])
-            for a_rows, b_rows, cols in iter_slices(lora_slices, r):
-                dh[:, a_rows] = g[:, cols] @ lora_B[b_rows]
-            dh.mul_(scaling)
-    if need_db_lora:
-        if full:
-            dB = (g.t() @ h).mul_(scaling)
+            u = torch.cat([g[:, cols] @ lora_B[b_rows] for _, b_rows, cols in iter_slices(lora_slices, r)], dim=1)
+    if need_dlb:
+        # beta=0: the first argument only gives the output's shape; its values are ignored.
+        if layout[0] == "full":
+            dB = torch.addmm(lora_B, g.t(), h, beta=0, alpha=scaling)
+        elif padded is not None:
+            dB = torch.addmm(padded[0], h.t(), g, beta=0, alpha=scaling).take(padded[1])
+        elif layout[0] == "batched":
+            _, T, n, step, off0 = layout
+            g3 = _columns(g, T, n, step, off0)
+            h3 = h.reshape(M, T, r).transpose(0, 1)
+            dB = torch.baddbmm(lora_B.reshape(T, n, r), g3.transpose(1, 2), h3, beta=0, alpha=scaling).view(-1, r)
         else:
-            dB = torch.empty_like(lora_B)
-            for a_rows, b_rows, cols in iter_slices(lora_slices, r):
-                dB[b_rows] = g[:, cols].t() @ h[:, a_rows]
-            dB.mul_(scaling)
-    drop = _drop_mask(seed, x, dropout_p) if (need_dx or need_da) else None
-    dh_scaled = dh if (dh is None or drop is None) else dh * dropout_scale(dropout_p)
+            dB = torch.cat(
+                [g[:, cols].t() @ h[:, a_rows] for a_rows, _, cols in iter_slices(lora_slices, r)], dim=0
+            ).mul_(scaling)
+    masked = dropout_p > 0.0 and (need_dx or need_da)
+    keep = keep_mask(seed, M, K, dropout_p, g.device).to(g.dtype) if masked else None
+    c = scaling * dropout_scale(dropout_p) if masked else scaling
     if need_da:
-        x_kept = x if drop is None else x.masked_fill(drop, 0)
-        dA = dh_scaled.t() @ x_kept
+        dA = torch.addmm(lora_A, u.t(), x if keep is None else x * keep, beta=0, alpha=c)
     if need_dx:
-        # The (masked) low-rank term first, then the big GEMM accumulates onto it in place (beta=1).
-        dx = dh_scaled @ lora_A
-        if drop is not None:
-            dx.masked_fill_(drop, 0)
-        dx.addmm_(g, weight)
+        dx = torch.mm(u, lora_A)
+        if keep is not None:
+            dx.mul_(keep)
+        dx = dx.addmm_(g, weight, beta=c)  # c · m∘(u A) + g W
     if need_dw:
-        dW = g.t() @ x
+        dW = torch.mm(g.t(), x)
     if need_db:
         db = g.sum(0)
     return dx, dW, db, dA, dB

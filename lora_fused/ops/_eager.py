@@ -1,0 +1,107 @@
+"""The eager route of the LoRA op: the same backend functions and saved tensors as the registered op
+``lora_fused::lora_linear``, without the ``torch.library`` dispatch around them.
+
+A registered custom op costs, per call, a dispatcher round trip, a redispatch below autograd, argument
+normalisation and an autograd wrapper, and its backward another op call: tens of microseconds of host time
+per layer and step, more than a LoRA layer's GPU kernels at ViT sizes. When nothing traces the call (no
+``torch.compile``/``torch.export``, no JIT tracing, no fake or meta tensors, no tensor subclass, no
+``TorchDispatchMode`` such as ``FlopCounterMode``, no ``torch.func`` transform), the op runs here instead: a
+``torch.autograd.Function`` when a gradient is needed, the backend's forward alone when not. Everything that
+traces or inspects the call still sees the registered op.
+
+Saved for backward (through ``save_for_backward``, so ``saved_tensors_hooks``, activation checkpointing and
+offloading see them): ``x``, ``h`` and the seed when the needed gradients require them (:mod:`._grad_plan`),
+and ``W``, ``A``, ``B`` when they are computed tensors (e.g. autocast casts). Parameters (leaf tensors) are
+kept as plain references, which costs less host time: they are alive anyway, and backward checks that none
+was modified in place in between, as autograd would.
+
+The backend is chosen by :func:`lora_fused.backends.backend_for` (remembered per requested name, device,
+dtype and adapter shape; ``use_backend``/``set_backend``/``LORA_FUSED_BACKEND`` are read on every call).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..backends import backend_for
+from ._grad_plan import GRAD_INPUTS, keeps, refuse_double_backward
+
+_C = torch._C
+
+
+def rows(t: Tensor) -> Tensor:
+    """``t`` as a 2-D (rows, last dim) tensor."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def unflatten(t: Tensor, shape) -> Tensor:
+    """``t`` viewed as ``shape``, returned as a tensor of its own rather than a view (same storage)."""
+    return t if t.shape == shape else t.view(shape).detach()
+
+
+def eligible(x: Tensor) -> bool:
+    """Whether this call may skip the registered op: nothing traces, fakes or intercepts it."""
+    return not (
+        torch.compiler.is_compiling()
+        or type(x) is not Tensor
+        or x.is_meta
+        or _C._is_tracing()
+        or _C._len_torch_dispatch_stack()
+        or _C._are_functorch_transforms_active()
+    )
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """Autograd of the eager route. ``hyper`` = (scaling, dropout_p, lora_slices, backend object)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, seed, hyper):
+        scaling, dropout_p, lora_slices, impl = hyper
+        y, h = impl.forward(rows(x), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)
+        keep_x, keep_h, keep_seed = keeps(ctx.needs_input_grad, dropout_p)
+        params = (weight, lora_A, lora_B)
+        kept = (x if keep_x else None, h if keep_h else None, seed if keep_seed else None)
+        if weight.is_leaf and lora_A.is_leaf and lora_B.is_leaf:
+            ctx.save_for_backward(*kept)
+            ctx.params = params
+            ctx.versions = (weight._version, lora_A._version, lora_B._version)
+        else:
+            ctx.save_for_backward(*kept, *params)
+            ctx.params = None
+        ctx.hyper = (scaling, dropout_p if keep_seed else 0.0, lora_slices, impl)
+        return unflatten(y, (*x.shape[:-1], weight.shape[0]))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        refuse_double_backward(_C.is_grad_enabled())
+        if ctx.params is None:
+            x, h, seed, weight, lora_A, lora_B = ctx.saved_tensors
+        else:
+            x, h, seed = ctx.saved_tensors
+            weight, lora_A, lora_B = ctx.params
+            if (weight._version, lora_A._version, lora_B._version) != ctx.versions:
+                raise RuntimeError(
+                    "lora_fused: a weight or adapter needed for the LoRA gradient was modified by an inplace "
+                    "operation between forward and backward"
+                )
+        scaling, dropout_p, lora_slices, impl = ctx.hyper
+        dx, dW, db, dA, dB = impl.backward(
+            rows(grad_y).contiguous(), rows(x) if x is not None else None, weight, lora_A, lora_B, h, scaling,
+            dropout_p, seed, lora_slices, ctx.needs_input_grad[:GRAD_INPUTS],
+        )
+        if dx is not None:
+            dx = unflatten(dx, (*grad_y.shape[:-1], weight.shape[1]))
+        return dx, dW, db, dA, dB, None, None
+
+
+def run(x, weight, bias, lora_A, lora_B, seed, scaling: float, dropout_p: float, lora_slices):
+    """``y`` of the op for checked inputs of one dtype and device (see ``prepare_inputs``)."""
+    impl = backend_for(x, weight, lora_A, lora_B)
+    if _C.is_grad_enabled() and (
+        x.requires_grad or lora_A.requires_grad or lora_B.requires_grad or weight.requires_grad
+        or (bias is not None and bias.requires_grad)
+    ):
+        return _LoRAFunction.apply(x, weight, bias, lora_A, lora_B, seed, (scaling, dropout_p, lora_slices, impl))
+    y, _ = impl.forward(rows(x), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)
+    return y if x.dim() == 2 else unflatten(y, (*x.shape[:-1], weight.shape[0]))
