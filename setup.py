@@ -94,6 +94,9 @@ setup(
             "segment-anything>=1.0",
             "nvidia-cutlass>=4.2",  # CUTLASS headers: CI builds the CUDA extension for sm_90a and reads its SASS
             "ninja>=1.10",
+            "onnx>=1.16",
+            "onnxruntime>=1.18",
+            "onnxscript>=0.2",  # torch.onnx.export(dynamo=True)
         ],
         "bench": ["matplotlib>=3.5", "tqdm>=4", "peft>=0.10", "pytest-benchmark>=4", "triton>=3.0"],
         "build": ["pybind11>=2.10", "ninja>=1.10", "nvidia-cutlass>=4.2"],
