@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree
 
-from ._common import lora_modules, shorten_names
+from ._common import lora_modules, shorten_names, unwrap
 
 # Reading the weight only for its metadata (dtype, device, shape) is not a bypass.
 _METADATA = r"(?:dtype|device|shape|size|ndim|dim|requires_grad|is_cuda|numel|data_ptr)\b"
@@ -200,17 +200,6 @@ class AdapterCheck:
         return "\n".join(lines)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model a user means under ``torch.compile`` and (Distributed)DataParallel wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            return model
-
-
 def _adapter_params(module: nn.Module) -> List[nn.Parameter]:
     return [p for n, p in module.named_parameters() if n.split(".")[0].startswith("lora_") and p.requires_grad]
 
@@ -283,7 +272,7 @@ def check_adapters(
     bad = [m for m in modes if m not in ("train", "eval")]
     if bad or not modes:
         raise ValueError(f"check_adapters: modes must be a non-empty subset of ('train', 'eval'), got {modes!r}")
-    inner = _unwrap(model)
+    inner = unwrap(model)
     mods = list(lora_modules(inner))
     parents = _parents(inner)
     hints = {}

@@ -15,7 +15,7 @@ from ..spec import AdapterSpec, normalize_splits
 from ._common import (TargetSpec, clean_name, make_matcher, name_in_list, pattern_key, refuse_peft_model,
                       shorten_names, unwrap)
 from .plan import Plan, model_active_adapter, plan_saved_modules, set_trainable_for_active
-from .check import warn_bypassing_parents
+from .check import bypass_reason, warn_bypassing_parents
 from .trainable import mark_only_lora_as_trainable
 
 
@@ -171,11 +171,11 @@ def plan_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, where:
         if not isinstance(module, nn.Linear):
             not_linear.append(f"{key} ({type(module).__name__})")
             continue
-        parent = parents.get(id(module), (None, None))[0]
-        if isinstance(parent, nn.MultiheadAttention):
+        bypass = bypass_reason(*parents.get(id(module), (None, "")))
+        if bypass is not None and bypass[1]:  # no call path uses the module: refuse rather than warn
             raise TypeError(
-                f"{where}: {key!r} is the out_proj of an nn.MultiheadAttention, which reads its weight directly "
-                "instead of calling it; an adapter there would be ignored. Target another module."
+                f"{where}: {key!r} would never compute its adapter: {bypass[0]} instead of calling it. "
+                "Target another module."
             )
         chosen.append((name, module))
 
