@@ -4,12 +4,14 @@ backend: under the interpreter on CPU, compiled on a GPU; the CUDA backend on a 
 For each combination of A / B frozen or trainable, x requiring grad or not, a trainable base weight, p = 0 and
 p > 0, on ``LoRALinear`` and ``LoRAQKV``: the bytes autograd saves are asserted exactly (x only for dA or dW, h
 only for dB, the 8-byte seed only for the mask of dx or dA), and every gradient that is computed matches float64
-math built from the backend's own dropout mask. Then LoRA-FA at module level (the module keyword and
+math built from the backend's own dropout mask, through the eager route and the registered op. Then LoRA-FA at module level (the module keyword and
 ``inject_lora(..., lora_fa=True)``): nothing saved but ``h`` and seeds, no LoRA input among the saved tensors,
 and every gradient against float64 math through the whole model.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -53,6 +55,16 @@ def _cases():
 
 
 CASES = _cases()
+# the registered op's route (what torch.compile, export and dispatch modes see) as well as the eager route, in fp32
+ROUTED = [pytest.param(*c.values, "eager", id=c.id + "-eager") for c in CASES] + [
+    pytest.param(*c.values, "op", id=c.id + "-op") for c in CASES if c.values[2] == torch.float32]
+
+
+class _Dispatch(torch.utils._python_dispatch.TorchDispatchMode):
+    """A pass-through dispatch mode: with one active, the module runs through the registered op."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
 
 
 def kernel_keep_mask(backend: str, seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
@@ -113,11 +125,11 @@ COMBOS = [
 ]
 
 
-@pytest.mark.parametrize("backend,device,dtype", CASES)
+@pytest.mark.parametrize("backend,device,dtype,route", ROUTED)
 @pytest.mark.parametrize("cls", ["linear", "qkv"])
 @pytest.mark.parametrize("p", [0.0, 0.2])
 @pytest.mark.parametrize("a_trains,b_trains,x_grad,w_trains", COMBOS)
-def test_saved_bytes_and_gradients(backend, device, dtype, cls, p, a_trains, b_trains, x_grad, w_trains):
+def test_saved_bytes_and_gradients(backend, device, dtype, route, cls, p, a_trains, b_trains, x_grad, w_trains):
     m = _module(cls, p, dtype, device)
     m.lora_A.requires_grad_(a_trains)
     m.lora_B.requires_grad_(b_trains)
@@ -128,7 +140,7 @@ def test_saved_bytes_and_gradients(backend, device, dtype, cls, p, a_trains, b_t
 
     def forward():
         torch.manual_seed(SEED)
-        with use_backend(backend):
+        with use_backend(backend), (_Dispatch() if route == "op" else contextlib.nullcontext()):
             return m(x)
 
     nbytes, n_seeds, y = count_saved(forward, exclude=list(m.parameters()))
