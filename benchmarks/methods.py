@@ -9,8 +9,11 @@
   q/v adapters PEFT cannot target slices of a fused qkv (peft PR #1705 was closed), so it runs on three
   separate q, k, v linears holding the same weights, with adapters on q and v.
 * ``lora_fused``: ``LoRALinear.from_linear`` / ``LoRAQKV.from_linear(targets="qv")``, once per backend.
-* ``lora_fused_fa``: the same in LoRA-FA mode (``lora_A`` frozen at its initialisation, ``B`` trains; see
-  :func:`as_lora_fa`), once per backend, in training mode only (the eval forward is the same as ``lora_fused``).
+* ``lora_fused_fa``: the same in LoRA-FA mode (``lora_fa=True``: ``lora_A`` frozen at its initialisation, ``B``
+  trains), once per backend, in training mode only (the eval forward is the same as ``lora_fused``).
+* ``lora_fused_2adapters``: ``lora_fused`` holding a second, inactive adapter of rank ``r/2`` (named adapters:
+  the kernels compute the active one only, so time and saved bytes should equal ``lora_fused``'s), once per
+  backend.
 
 All adapters of one comparison hold the same random values (``B`` is not zero, so the numerical check is
 meaningful and nothing is timed on zeros).
@@ -29,7 +32,7 @@ import torch.nn as nn
 
 @dataclass
 class Method:
-    method: str  # floor | plain | peft | lora_fused | lora_fused_fa
+    method: str  # floor | plain | peft | lora_fused | lora_fused_fa | lora_fused_2adapters
     backend: str  # "" except for lora_fused
     p: float
     module: nn.Module
@@ -154,30 +157,46 @@ def _peft_lora(model: nn.Module, targets: List[str], r: int, lora_alpha: float, 
     return get_peft_model(model, cfg).base_model.model
 
 
-def as_lora_fa(model: nn.Module) -> nn.Module:
-    """LoRA-FA (arXiv 2308.03303) on every lora_fused module of ``model`` (or ``model`` itself): ``lora_A`` stays
-    at its initialisation (``requires_grad=False``) and only ``lora_B`` trains. Nothing then needs ``dA``, so the
-    op does not need ``x`` for backward (docs/design.md). Returns ``model``."""
-    import lora_fused
-
-    for m in model.modules():
-        if isinstance(m, lora_fused.LoRABase):
-            m.lora_A.requires_grad_(False)
-    return model
-
-
 def _fused_ctx(backend: str):
     import lora_fused
 
     return lambda: lora_fused.use_backend(backend)
 
 
+FUSED_NOTES = {
+    "lora_fused_fa": "LoRA-FA (lora_fa=True): A frozen",
+    "lora_fused_2adapters": "a second, inactive adapter of rank r/2 held",
+}
+
+
+def fused_kinds(lora_fa: bool, two_adapters: bool) -> List[str]:
+    """The lora_fused methods built per backend: ``lora_fused``, then ``lora_fused_fa`` (with ``lora_fa``) and
+    ``lora_fused_2adapters`` (with ``two_adapters``)."""
+    return ["lora_fused"] + ["lora_fused_fa"] * bool(lora_fa) + ["lora_fused_2adapters"] * bool(two_adapters)
+
+
+def _fused_methods(make: Callable[..., nn.Module], load: Callable[[nn.Module], None], backend: str, p: float,
+                   kinds: Sequence[str], r: int, lora_alpha: float) -> List[Method]:
+    """One :class:`Method` per kind of :func:`fused_kinds`: ``make(lora_fa=...)`` builds the module, ``load``
+    copies the shared adapter values into it; ``lora_fused_2adapters`` then adds an inactive adapter ``"other"``
+    of another rank, ``r/2`` (2 for r=1), whose parameters do not train."""
+    out = []
+    for kind in kinds:
+        module = make(lora_fa=kind == "lora_fused_fa")
+        load(module)
+        if kind == "lora_fused_2adapters":
+            extra = {"targets": "qv"} if module.spec.targets is not None else {}
+            module.add_adapter("other", r=r // 2 if r > 1 else 2, lora_alpha=lora_alpha, lora_dropout=p, **extra)
+        out.append(Method(kind, backend, p, module, _fused_ctx(backend), note=FUSED_NOTES.get(kind, "")))
+    return out
+
+
 def linear_methods(
     base: nn.Linear, r: int, lora_alpha: float, ps: Sequence[float], backends: Sequence[str], with_peft: bool,
-    seed: int = 0, lora_fa: bool = True,
+    seed: int = 0, lora_fa: bool = True, two_adapters: bool = True,
 ) -> List[Method]:
-    """floor, then for each p: plain, peft (if ``with_peft``), lora_fused and (if ``lora_fa``) lora_fused_fa per
-    backend."""
+    """floor, then for each p: plain, peft (if ``with_peft``), then per backend lora_fused, lora_fused_fa (if
+    ``lora_fa``) and lora_fused_2adapters (if ``two_adapters``)."""
     import lora_fused
 
     dev, dt = base.weight.device, base.weight.dtype
@@ -195,28 +214,25 @@ def linear_methods(
                 layer.lora_A["default"].weight.copy_(A0)
                 layer.lora_B["default"].weight.copy_(B0)
             methods.append(Method("peft", "", p, layer))
+        def make(lora_fa, p=p):
+            return lora_fused.LoRALinear.from_linear(base, r=r, lora_alpha=lora_alpha, lora_dropout=p, lora_fa=lora_fa)
+
+        def load(fused):
+            with torch.no_grad():
+                fused.lora_A.copy_(A0)
+                fused.lora_B.copy_(B0)
+
         for b in backends:
-            for fa in (False, True) if lora_fa else (False,):
-                fused = lora_fused.LoRALinear.from_linear(base, r=r, lora_alpha=lora_alpha, lora_dropout=p)
-                with torch.no_grad():
-                    fused.lora_A.copy_(A0)
-                    fused.lora_B.copy_(B0)
-                methods.append(_fused_method(fused, b, p, fa))
+            methods += _fused_methods(make, load, b, p, fused_kinds(lora_fa, two_adapters), r, lora_alpha)
     return methods
-
-
-def _fused_method(module: nn.Module, backend: str, p: float, fa: bool) -> Method:
-    if fa:
-        return Method("lora_fused_fa", backend, p, as_lora_fa(module), _fused_ctx(backend), note="LoRA-FA: A frozen")
-    return Method("lora_fused", backend, p, module, _fused_ctx(backend))
 
 
 def qkv_methods(
     base: nn.Linear, r: int, lora_alpha: float, ps: Sequence[float], backends: Sequence[str], with_peft: bool,
-    seed: int = 0, lora_fa: bool = True,
+    seed: int = 0, lora_fa: bool = True, two_adapters: bool = True,
 ) -> List[Method]:
-    """Adapters on q and v of a fused qkv: floor, then for each p: plain (SAM), peft (split q/k/v), lora_fused and
-    (if ``lora_fa``) lora_fused_fa."""
+    """Adapters on q and v of a fused qkv: floor, then for each p: plain (SAM), peft (split q/k/v), then per backend
+    lora_fused, lora_fused_fa (if ``lora_fa``) and lora_fused_2adapters (if ``two_adapters``)."""
     import lora_fused
 
     N = base.out_features
@@ -244,15 +260,19 @@ def qkv_methods(
                 model.v.lora_A["default"].weight.copy_(Av)
                 model.v.lora_B["default"].weight.copy_(Bv)
             methods.append(Method("peft", "", p, model, note="separate q/k/v linears (PEFT cannot target q/v of a fused qkv)"))
+        def make(lora_fa, p=p):
+            return lora_fused.LoRAQKV.from_linear(base, targets="qv", r=r, lora_alpha=lora_alpha, lora_dropout=p,
+                                                  lora_fa=lora_fa)
+
+        def load(fused):
+            with torch.no_grad():
+                fused.lora_A_for("q").copy_(Aq)
+                fused.lora_B_for("q").copy_(Bq)
+                fused.lora_A_for("v").copy_(Av)
+                fused.lora_B_for("v").copy_(Bv)
+
         for b in backends:
-            for fa in (False, True) if lora_fa else (False,):
-                fused = lora_fused.LoRAQKV.from_linear(base, targets="qv", r=r, lora_alpha=lora_alpha, lora_dropout=p)
-                with torch.no_grad():
-                    fused.lora_A_for("q").copy_(Aq)
-                    fused.lora_B_for("q").copy_(Bq)
-                    fused.lora_A_for("v").copy_(Av)
-                    fused.lora_B_for("v").copy_(Bv)
-                methods.append(_fused_method(fused, b, p, fa))
+            methods += _fused_methods(make, load, b, p, fused_kinds(lora_fa, two_adapters), r, lora_alpha)
     return methods
 
 

@@ -133,7 +133,7 @@ def console_table(rows: Sequence[Dict]) -> str:
     rows = [r for r in rows if not is_host_row(r)]
     out = []
     show_peak = any(r.get("peak_bytes") not in (None, "") for r in rows)
-    hdr = f"{'op':<7}{'shape':<12}{'mode':<9}{'method':<20}{'p':>5}{'median ms':>11}{'IQR':>9}{'x floor':>9}{'paired':>8}{'saved MiB':>11}{'/x':>7}"
+    hdr = f"{'op':<7}{'shape':<12}{'mode':<9}{'method':<30}{'p':>5}{'median ms':>11}{'IQR':>9}{'x floor':>9}{'paired':>8}{'saved MiB':>11}{'/x':>7}"
     if show_peak:
         hdr += f"{'peak MiB':>10}{'x floor':>9}"
     out.append(hdr)
@@ -141,7 +141,7 @@ def console_table(rows: Sequence[Dict]) -> str:
     for (op, shape, mode), rs in groups(rows).items():
         for r in rs:
             line = (
-                f"{op:<7}{shape:<12}{mode:<9}{_label(r):<20}{('-' if r['method'] == 'floor' else format(r['p'], 'g')):>5}"
+                f"{op:<7}{shape:<12}{mode:<9}{_label(r):<30}{('-' if r['method'] == 'floor' else format(r['p'], 'g')):>5}"
                 f"{_f(r['median_ms'], '.2f'):>11}{_f(r['iqr_ms'], '.2f'):>9}{_f(r['ratio_to_floor'], '.3f'):>9}"
                 f"{_f(r.get('ratio_to_floor_paired'), '.3f'):>8}"
                 f"{_mib(r.get('saved_bytes')):>11}{_f(r.get('saved_over_x'), '.2f'):>7}"
@@ -196,7 +196,8 @@ def plot(rows: Sequence[Dict], out_dir: str, title: str = "") -> List[str]:
 
 _COLORS = {"floor": "0.6", "plain": "C0", "peft": "C1", "lora_fused[torch]": "C2", "lora_fused[triton]": "C3",
            "lora_fused[cuda]": "C4", "lora_fused_fa[torch]": "C5", "lora_fused_fa[triton]": "C6",
-           "lora_fused_fa[cuda]": "C7"}
+           "lora_fused_fa[cuda]": "C7", "lora_fused_2adapters[torch]": "C8", "lora_fused_2adapters[triton]": "C9",
+           "lora_fused_2adapters[cuda]": "0.3"}
 
 
 def _save_figure(plt, fig, title, path):

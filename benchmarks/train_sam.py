@@ -16,8 +16,8 @@ same frozen encoder:
 * ``peft``: PEFT's LoRA on q and v of each qkv split into three Linears with the same weights (PEFT cannot target
   slices of a fused qkv).
 * ``lora_fused``: ``inject_lora(encoder, ["qkv"], qkv_targets="qv")``.
-* ``lora_fused_fa``: the same in LoRA-FA mode (A frozen at its initialisation, B trains;
-  ``benchmarks.methods.as_lora_fa``).
+* ``lora_fused_fa``: the same in LoRA-FA mode, ``inject_lora(..., lora_fa=True)`` (A frozen at its
+  initialisation, B trains; the op then saves ``h`` and the seed, not ``x``).
 
 Each step is a forward, an MSE loss against a fixed random target, a backward and an AdamW step on what trains;
 steps of the variants are interleaved (machine noise hits all alike). Reported per variant: the bytes autograd
@@ -48,7 +48,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import harness, report  # noqa: E402
-from benchmarks.methods import PlainLoRAQKV, as_lora_fa  # noqa: E402
+from benchmarks.methods import PlainLoRAQKV  # noqa: E402
 from benchmarks.train_vit import SplitQKV, _set, add_run_args, measured_step, setup_run  # noqa: E402
 
 VARIANTS = ("frozen", "seeds", "peft", "lora_fused", "lora_fused_fa")
@@ -104,8 +104,9 @@ def make_variant(kind: str, base: nn.Module, r: int, alpha: float, p: float) -> 
             _set(model, name, SplitQKV(model.get_submodule(name)))
         cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=r".*attn\.qkv\.(q|v)", bias="none")
         return get_peft_model(model, cfg).base_model.model
-    lf.inject_lora(model, ["qkv"], qkv_targets="qv", r=r, lora_alpha=alpha, lora_dropout=p)
-    return as_lora_fa(model) if kind == "lora_fused_fa" else model
+    lf.inject_lora(model, ["qkv"], qkv_targets="qv", r=r, lora_alpha=alpha, lora_dropout=p,
+                   lora_fa=kind == "lora_fused_fa")
+    return model
 
 
 def qkv_input_bytes(model: nn.Module, x: torch.Tensor, r_total: int, el: int) -> Tuple[int, int]:

@@ -16,6 +16,7 @@ from .spec import AdapterSpec
 from .model import (
     AdapterCheck,
     check_adapters,
+    create_lorafa_optimizer,
     LoadResult,
     LoRAModuleInfo,
     LoRASummary,

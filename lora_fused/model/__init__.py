@@ -14,6 +14,7 @@ from .check import AdapterCheck, check_adapters
 from .checkpoint import load_lora, save_lora
 from .from_peft import from_peft
 from .inject import add_adapter, inject_lora
+from .lorafa import create_lorafa_optimizer
 from .merge import merge_lora
 from .migrate import migrate_lora_qkv
 from .summary import LoRAModuleInfo, LoRASummary, lora_summary
@@ -49,4 +50,5 @@ __all__ = [
     "check_adapters",
     "AdapterCheck",
     "migrate_lora_qkv",
+    "create_lorafa_optimizer",
 ]
