@@ -4,9 +4,10 @@ The mask of an ``(M, K)`` input is a pure function of ``(seed, M, K, p, device t
 when its 16-bit draw ``u`` is at least ``keep_threshold_u16(p)``, so ``p`` is quantized to a multiple of
 1/65536 (|error| <= 7.7e-6), and kept values are scaled by ``1/(1-p)``.
 
-* On the CPU (:func:`dropout_keep_mask`, an integer seed): ``M*K/4`` int64 words drawn with ``random_`` from
-  a ``torch.Generator`` seeded with ``seed``, viewed as ``M*K`` 16-bit integers. Four decisions per word are
-  about 3x cheaper on a CPU than one ``torch.rand`` per element.
+* On the CPU (:func:`dropout_keep_multiplier`, an integer seed): ``M*K`` draws ``u`` = the low 16 bits of
+  consecutive 32-bit outputs of a ``torch.Generator`` seeded with ``seed`` (row-major order), taken by one
+  ``torch.randint`` over the 65536 values shifted by ``1 - t`` and clamped to [0, 1]: that gives the mask as a
+  0/1 multiplier in the input's dtype in two tensor operations, without a boolean mask or a conversion.
 * On other devices (:func:`hashed_keep_mask`, a one-element seed tensor on the device): a counter-based hash
   of ``(seed, row·K + col)`` computed with tensor operations. Reading the seed never copies it to the host,
   so the forward and backward passes do not synchronize with the GPU and can be captured in a CUDA graph.
@@ -51,25 +52,43 @@ def _generator(device: torch.device) -> torch.Generator:
     return gen
 
 
-def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.device) -> torch.Tensor:
-    """Boolean keep mask of shape ``(rows, cols)`` for dropout rate ``p``, a pure function of ``seed``.
+def dropout_keep_multiplier(seed: int, rows: int, cols: int, p: float, device: torch.device,
+                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Keep mask of shape ``(rows, cols)`` as a ``dtype`` tensor of 0 (dropped) and 1 (kept), a pure function of
+    ``seed``: element ``i`` (row-major) is kept when ``u_i >= keep_threshold_u16(p)``, ``u_i`` the low 16 bits
+    of the ``i``-th 32-bit output of a ``torch.Generator`` seeded with ``seed``.
 
     Args:
         seed: integer seed (any 64-bit value).
         rows, cols: the 2-D shape ``(M, K)`` of the input the mask applies to.
         p: dropout rate in [0, 1).
         device: where to generate the mask (its own ``torch.Generator`` type).
+        dtype: the floating dtype of the result.
     """
-    n = rows * cols
+    t = keep_threshold_u16(p)
     gen = _generator(device if isinstance(device, torch.device) else torch.device(device))
     gen.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
-    # (rows, cols/4) words are the same row-major bits as n/4 flat words: one view less when cols % 4 == 0
-    words = torch.empty((rows, cols // 4) if cols % 4 == 0 else ((n + 3) // 4,), dtype=torch.int64, device=device)
-    words.random_(-(2**63), None, generator=gen)
-    draws = words.view(torch.int16)
-    if cols % 4:
-        draws = draws.narrow(0, 0, n).view(rows, cols)
-    return draws >= keep_threshold_u16(p) - _U16 // 2
+    # randint over 65536 values takes (32-bit draw mod 65536) + low; with low = 1 - t the kept draws are >= 1
+    # and the dropped ones <= 0, so a clamp to [0, 1] is the multiplier. Integers of that range are exact in
+    # float32 and float64; narrower dtypes draw in float32 and convert (0 and 1 are exact everywhere).
+    draw = dtype if dtype in _EXACT_DRAW_DTYPES else torch.float32
+    keep = torch.randint(1 - t, _U16 + 1 - t, (rows, cols), generator=gen, device=device, dtype=draw).clamp_(0, 1)
+    return keep if draw is dtype else keep.to(dtype)
+
+
+_EXACT_DRAW_DTYPES = (torch.float32, torch.float64)
+
+
+def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.device) -> torch.Tensor:
+    """Boolean keep mask of shape ``(rows, cols)``: :func:`dropout_keep_multiplier` as booleans (the same draws).
+
+    Args:
+        seed: integer seed (any 64-bit value).
+        rows, cols: the 2-D shape ``(M, K)`` of the input the mask applies to.
+        p: dropout rate in [0, 1).
+        device: where to generate the mask.
+    """
+    return dropout_keep_multiplier(seed, rows, cols, p, device).bool()
 
 
 def _mix32(v: torch.Tensor) -> torch.Tensor:
