@@ -104,6 +104,14 @@ def _linear_shell(cls, linear: nn.Linear):
     return obj
 
 
+def _param(module: nn.Module, name: str):
+    """``getattr(module, name)`` for a registered parameter, read from ``module._parameters`` directly."""
+    params = module._parameters
+    if name in params:
+        return params[name]
+    return getattr(module, name)
+
+
 def _active_attr(attr: str, doc: str):
     def get(self):
         return getattr(self._active_adapter_module(), attr)
@@ -291,16 +299,19 @@ class LoRABase(nn.Linear):
         return f"{type(self).__name__}(in_features={self.in_features}, out_features={self.out_features})"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        adapters = self.lora_adapters
-        name = self.active_adapter
-        if self.merged_adapter is not None or self.adapters_disabled or name not in adapters:
-            return F.linear(x, self.weight, self.bias)
-        adapter = adapters[name]
-        spec = adapter.spec
-        return lora_apply(
-            x, self.weight, self.bias, adapter.lora_A, adapter.lora_B, spec.scaling, spec.lora_dropout,
-            self.training, spec.slices, self._describe,
-        )
+        # Parameters and submodules are read from their registries: ``self.weight`` would go through
+        # ``nn.Module.__getattr__`` (a failed lookup first), a measurable share of a small layer's host time.
+        # Anything that keeps them elsewhere (parametrizations, pruning) is read the ordinary way.
+        if self.merged_adapter is None and not self.adapters_disabled:
+            adapter = self._modules["lora_adapters"]._modules.get(self.active_adapter)
+            if adapter is not None:
+                weight, bias = _param(self, "weight"), _param(self, "bias")
+                spec = adapter.spec
+                return lora_apply(
+                    x, weight, bias, _param(adapter, "lora_A"), _param(adapter, "lora_B"), spec.scaling,
+                    spec.lora_dropout, self.training, spec.slices, self._describe,
+                )
+        return F.linear(x, self.weight, self.bias)
 
     # -- merge -----------------------------------------------------------------------------------------------
     @property

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..backends import backend_for
-from ._grad_plan import GRAD_INPUTS, keeps, refuse_double_backward
+from ._grad_plan import GRAD_INPUTS, refuse_double_backward
 
 _C = torch._C
 
@@ -58,39 +58,44 @@ class _LoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, seed, hyper):
         scaling, dropout_p, lora_slices, impl = hyper
-        y, h = impl.forward(rows(x), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)
-        keep_x, keep_h, keep_seed = keeps(ctx.needs_input_grad, dropout_p)
-        params = (weight, lora_A, lora_B)
-        kept = (x if keep_x else None, h if keep_h else None, seed if keep_seed else None)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y, h = impl.forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)
+        # what backward keeps (see ._grad_plan.keeps, inlined: this runs on every training step)
+        need_dx, need_dw, _, need_da, need_dlb = ctx.needs_input_grad[:GRAD_INPUTS]
+        keep_seed = dropout_p > 0.0 and (need_dx or need_da)
+        kept = (x if need_da or need_dw else None, h if need_dlb else None, seed if keep_seed else None)
         if weight.is_leaf and lora_A.is_leaf and lora_B.is_leaf:
             ctx.save_for_backward(*kept)
-            ctx.params = params
+            ctx.params = (weight, lora_A, lora_B)
             ctx.versions = (weight._version, lora_A._version, lora_B._version)
         else:
-            ctx.save_for_backward(*kept, *params)
+            ctx.save_for_backward(*kept, weight, lora_A, lora_B)
             ctx.params = None
-        ctx.hyper = (scaling, dropout_p if keep_seed else 0.0, lora_slices, impl)
-        return unflatten(y, (*x.shape[:-1], weight.shape[0]))
+        ctx.hyper = hyper if keep_seed or not dropout_p else (scaling, 0.0, lora_slices, impl)
+        return y if x2 is x else unflatten(y, (*x.shape[:-1], weight.shape[0]))
 
     @staticmethod
     def backward(ctx, grad_y):
-        refuse_double_backward(_C.is_grad_enabled())
-        if ctx.params is None:
+        if _C.is_grad_enabled():
+            refuse_double_backward(True)
+        params = ctx.params
+        if params is None:
             x, h, seed, weight, lora_A, lora_B = ctx.saved_tensors
         else:
             x, h, seed = ctx.saved_tensors
-            weight, lora_A, lora_B = ctx.params
+            weight, lora_A, lora_B = params
             if (weight._version, lora_A._version, lora_B._version) != ctx.versions:
                 raise RuntimeError(
                     "lora_fused: a weight or adapter needed for the LoRA gradient was modified by an inplace "
                     "operation between forward and backward"
                 )
         scaling, dropout_p, lora_slices, impl = ctx.hyper
+        g = grad_y if grad_y.dim() == 2 else grad_y.reshape(-1, grad_y.shape[-1])
         dx, dW, db, dA, dB = impl.backward(
-            rows(grad_y).contiguous(), rows(x) if x is not None else None, weight, lora_A, lora_B, h, scaling,
+            g.contiguous(), x if x is None or x.dim() == 2 else rows(x), weight, lora_A, lora_B, h, scaling,
             dropout_p, seed, lora_slices, ctx.needs_input_grad[:GRAD_INPUTS],
         )
-        if dx is not None:
+        if dx is not None and g is not grad_y:
             dx = unflatten(dx, (*grad_y.shape[:-1], weight.shape[1]))
         return dx, dW, db, dA, dB, None, None
 
@@ -103,5 +108,7 @@ def run(x, weight, bias, lora_A, lora_B, seed, scaling: float, dropout_p: float,
         or (bias is not None and bias.requires_grad)
     ):
         return _LoRAFunction.apply(x, weight, bias, lora_A, lora_B, seed, (scaling, dropout_p, lora_slices, impl))
+    if x.dim() == 2:
+        return impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)[0]
     y, _ = impl.forward(rows(x), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)
-    return y if x.dim() == 2 else unflatten(y, (*x.shape[:-1], weight.shape[0]))
+    return unflatten(y, (*x.shape[:-1], weight.shape[0]))

@@ -41,6 +41,8 @@ from . import _eager
 from ._eager import rows as _rows, unflatten as _unflatten
 from ._grad_plan import GRAD_INPUTS, saved
 
+_C = torch._C
+
 
 @torch.library.custom_op("lora_fused::lora_linear", mutates_args=())
 def _lora_linear_op(
@@ -124,11 +126,15 @@ _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 _RANK_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads rank ids over the seed space
+_DIST_AVAILABLE = torch.distributed.is_available()  # a property of the build: read once
 
 
 def _distributed_rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if _DIST_AVAILABLE:
+        dist = torch.distributed
+        if dist.is_initialized():
+            return dist.get_rank()
+    return 0
 
 
 _distributed_rank._dynamo_marked_constant = True  # type: ignore[attr-defined]  (see backends.requested_backend)
@@ -189,7 +195,7 @@ def prepare_inputs(x, weight, bias, lora_A, lora_B, where):
             or a_shape[0] % b_shape[1]):
         raise _shape_error(x, weight, lora_A, lora_B, where)
     device = x.device
-    if torch._C._is_any_autocast_enabled():
+    if _C._is_any_autocast_enabled():
         autocast = _autocast_dtype(device)
         if autocast is not None:
             x, weight = x.to(autocast), weight.to(autocast)
@@ -221,12 +227,40 @@ def _onnx_exporting() -> bool:
 _onnx_exporting._dynamo_marked_constant = True  # type: ignore[attr-defined]  (see backends.requested_backend)
 
 
+def _plain_call(x, weight, bias, lora_A, lora_B) -> bool:
+    """Whether :func:`prepare_inputs` has nothing to do (shapes agree; one dtype and device; no autocast) and
+    nothing traces the call (:func:`._eager.eligible`): the common case, checked with as little work as
+    possible. False sends the call through the full checks, which raise the errors or cast."""
+    if type(x) is not Tensor or _C._is_any_autocast_enabled():
+        return False
+    dtype = x.dtype
+    if (weight.dtype is not dtype or lora_A.dtype is not dtype or lora_B.dtype is not dtype
+            or (bias is not None and bias.dtype is not dtype)):
+        return False
+    device = x.device
+    if (weight.device != device or lora_A.device != device or lora_B.device != device
+            or (bias is not None and bias.device != device)):
+        return False
+    xs, a_shape, b_shape, K = x.shape, lora_A.shape, lora_B.shape, weight.shape[1]
+    if (not xs or xs[-1] != K or len(a_shape) != 2 or a_shape[1] != K or len(b_shape) != 2 or not b_shape[1]
+            or a_shape[0] % b_shape[1]):
+        return False
+    return _eager.eligible(x)
+
+
 def lora_apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, lora_slices: Sequence[int], where):
     """Shared body of :func:`lora_linear`, :func:`~lora_fused.ops.lora_qkv` and the modules: validate, apply
     autocast, draw the seed when dropout is active, run the op (by the eager route when nothing traces it).
 
     ``lora_slices``: the flat ``[off_0, n_0, …]`` output columns of each target; ``where``: the caller's name
     for error messages, or a callable returning it."""
+    if _plain_call(x, weight, bias, lora_A, lora_B):
+        if not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"{_name(where)}: dropout_p must be in [0, 1), got {dropout_p}")
+        if training and dropout_p > 0.0:
+            return _eager.run(x, weight, bias, lora_A, lora_B, draw_seed(x), float(scaling), float(dropout_p),
+                              lora_slices)
+        return _eager.run(x, weight, bias, lora_A, lora_B, None, float(scaling), 0.0, lora_slices)
     x, weight, bias, lora_A, lora_B = prepare_inputs(x, weight, bias, lora_A, lora_B, where)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{_name(where)}: dropout_p must be in [0, 1), got {dropout_p}")

@@ -43,8 +43,9 @@ _local = threading.local()  # one reusable torch.Generator per thread and device
 
 
 def _generator(device: torch.device) -> torch.Generator:
-    gens = getattr(_local, "gens", None)
-    if gens is None:
+    try:
+        gens = _local.gens
+    except AttributeError:
         gens = _local.gens = {}
     gen = gens.get(device)
     if gen is None:
@@ -65,15 +66,18 @@ def dropout_keep_multiplier(seed: int, rows: int, cols: int, p: float, device: t
         device: where to generate the mask (its own ``torch.Generator`` type).
         dtype: the floating dtype of the result.
     """
-    t = keep_threshold_u16(p)
-    gen = _generator(device if isinstance(device, torch.device) else torch.device(device))
+    if device.__class__ is not torch.device:
+        device = torch.device(device)
+    gen = _generator(device)
     gen.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
     # randint over 65536 values takes (32-bit draw mod 65536) + low; with low = 1 - t the kept draws are >= 1
     # and the dropped ones <= 0, so a clamp to [0, 1] is the multiplier. Integers of that range are exact in
     # float32 and float64; narrower dtypes draw in float32 and convert (0 and 1 are exact everywhere).
-    draw = dtype if dtype in _EXACT_DRAW_DTYPES else torch.float32
-    keep = torch.randint(1 - t, _U16 + 1 - t, (rows, cols), generator=gen, device=device, dtype=draw).clamp_(0, 1)
-    return keep if draw is dtype else keep.to(dtype)
+    low = 1 - keep_threshold_u16(p)
+    if dtype in _EXACT_DRAW_DTYPES:
+        return torch.randint(low, low + _U16, (rows, cols), generator=gen, device=device, dtype=dtype).clamp_(0, 1)
+    keep = torch.randint(low, low + _U16, (rows, cols), generator=gen, device=device, dtype=torch.float32)
+    return keep.clamp_(0, 1).to(dtype)
 
 
 _EXACT_DRAW_DTYPES = (torch.float32, torch.float64)

@@ -115,6 +115,24 @@ def keep_multiplier(seed: Seed, rows: int, cols: int, p: float, like: torch.Tens
     return dropout_keep_multiplier(seed, rows, cols, p, like.device, like.dtype)
 
 
+_scales: dict = {}  # (value, dtype) -> a 0-dim CPU tensor holding value, see _scale_tensor
+
+
+def _scale_tensor(value: float, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` as a 0-dim CPU tensor in the precision a ``dtype`` tensor multiplies scalars in (float64 for
+    float64, float32 otherwise): ``t.mul_(_scale_tensor(c, t.dtype))`` computes exactly ``t.mul_(c)``, without
+    wrapping the Python number in a fresh tensor on every call (a measurable cost at small sizes)."""
+    key = (value, dtype)
+    scale = _scales.get(key)
+    if scale is None:
+        if len(_scales) > 1024:
+            _scales.clear()
+        with torch.inference_mode(False):
+            scale = torch.tensor(value, dtype=torch.float64 if dtype is torch.float64 else torch.float32)
+        _scales[key] = scale
+    return scale
+
+
 def _is_full(lora_slices: Sequence[int], n_out: int) -> bool:
     """One target over all ``n_out`` outputs (a plain ``LoRALinear``)."""
     return len(lora_slices) == 2 and lora_slices[0] == 0 and lora_slices[1] == n_out
@@ -142,7 +160,7 @@ def lora_linear_forward_ref(
     if dropout_p > 0.0:
         # the mask as a 0/1 multiplier in x's dtype, turned into m∘x in place: x̂ Aᵀ = (m∘x) Aᵀ · 1/(1-p)
         masked = keep_multiplier(seed, x.shape[0], x.shape[1], dropout_p, x).mul_(x)
-        h = F.linear(masked, lora_A).mul_(1.0 / (1.0 - dropout_p))
+        h = F.linear(masked, lora_A).mul_(_scale_tensor(1.0 / (1.0 - dropout_p), x.dtype))
     else:
         h = F.linear(x, lora_A)
     y = F.linear(x, weight, bias)
