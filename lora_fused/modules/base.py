@@ -104,14 +104,6 @@ def _linear_shell(cls, linear: nn.Linear):
     return obj
 
 
-def _param(module: nn.Module, name: str):
-    """``getattr(module, name)`` for a registered parameter, read from ``module._parameters`` directly."""
-    params = module._parameters
-    if name in params:
-        return params[name]
-    return getattr(module, name)
-
-
 def _active_attr(attr: str, doc: str):
     def get(self):
         return getattr(self._active_adapter_module(), attr)
@@ -305,11 +297,15 @@ class LoRABase(nn.Linear):
         if self.merged_adapter is None and not self.adapters_disabled:
             adapter = self._modules["lora_adapters"]._modules.get(self.active_adapter)
             if adapter is not None:
-                weight, bias = _param(self, "weight"), _param(self, "bias")
+                params, adapter_params = self._parameters, adapter._parameters
                 spec = adapter.spec
                 return lora_apply(
-                    x, weight, bias, _param(adapter, "lora_A"), _param(adapter, "lora_B"), spec.scaling,
-                    spec.lora_dropout, self.training, spec.slices, self._describe,
+                    x,
+                    params["weight"] if "weight" in params else self.weight,
+                    params["bias"] if "bias" in params else self.bias,
+                    adapter_params["lora_A"] if "lora_A" in adapter_params else adapter.lora_A,
+                    adapter_params["lora_B"] if "lora_B" in adapter_params else adapter.lora_B,
+                    spec.scaling, spec.lora_dropout, self.training, spec.slices, self._describe,
                 )
         return F.linear(x, self.weight, self.bias)
 

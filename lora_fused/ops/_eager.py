@@ -61,7 +61,7 @@ class _LoRAFunction(torch.autograd.Function):
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         y, h = impl.forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)
         # what backward keeps (see ._grad_plan.keeps, inlined: this runs on every training step)
-        need_dx, need_dw, _, need_da, need_dlb = ctx.needs_input_grad[:GRAD_INPUTS]
+        need_dx, need_dw, _, need_da, need_dlb, _, _ = ctx.needs_input_grad
         keep_seed = dropout_p > 0.0 and (need_dx or need_da)
         kept = (x if need_da or need_dw else None, h if need_dlb else None, seed if keep_seed else None)
         if weight.is_leaf and lora_A.is_leaf and lora_B.is_leaf:

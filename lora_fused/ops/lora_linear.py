@@ -130,11 +130,7 @@ _DIST_AVAILABLE = torch.distributed.is_available()  # a property of the build: r
 
 
 def _distributed_rank() -> int:
-    if _DIST_AVAILABLE:
-        dist = torch.distributed
-        if dist.is_initialized():
-            return dist.get_rank()
-    return 0
+    return torch.distributed.get_rank() if _DIST_AVAILABLE and torch.distributed.is_initialized() else 0
 
 
 _distributed_rank._dynamo_marked_constant = True  # type: ignore[attr-defined]  (see backends.requested_backend)
@@ -145,7 +141,7 @@ def draw_seed(x: Tensor) -> Tensor:
     ``torch.manual_seed`` reproduces the masks (and activation checkpointing, which restores the RNG state,
     recomputes the same mask). Under ``torch.distributed`` the rank is mixed in, so ranks seeded alike still
     draw different masks."""
-    seed = torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64)
+    seed = torch.randint(2**62, (1,), device=x.device)  # int64, uniform in [0, 2**62)
     rank = _distributed_rank()
     if rank:
         seed = seed ^ ((rank * _RANK_MIX) & (2**62 - 1))

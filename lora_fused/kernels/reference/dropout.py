@@ -66,9 +66,10 @@ def dropout_keep_multiplier(seed: int, rows: int, cols: int, p: float, device: t
         device: where to generate the mask (its own ``torch.Generator`` type).
         dtype: the floating dtype of the result.
     """
-    if device.__class__ is not torch.device:
-        device = torch.device(device)
-    gen = _generator(device)
+    try:  # the thread's generator for this device (made on first use)
+        gen = _local.gens[device]
+    except (AttributeError, KeyError):
+        gen = _generator(device if device.__class__ is torch.device else torch.device(device))
     gen.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
     # randint over 65536 values takes (32-bit draw mod 65536) + low; with low = 1 - t the kept draws are >= 1
     # and the dropped ones <= 0, so a clamp to [0, 1] is the multiplier. Integers of that range are exact in

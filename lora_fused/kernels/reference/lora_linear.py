@@ -13,7 +13,7 @@ Backward:  u_t = g_t B_t (so dh = s·u);  dB_t = s · g_tᵀ h_t;  dA = s·c · 
            dx = g W + s·c · m∘(u A);  dW = gᵀ x;  db = Σ_rows g      (each only when asked for)
 
 Scalars ride on the GEMMs (``alpha``/``beta``) rather than on extra passes, and ``x`` is masked at most once
-per direction (the mask is made as a 0/1 multiplier in ``x``'s dtype and turned into ``m∘x`` in place), never
+per direction (the mask is made as a 0/1 multiplier in ``x``'s dtype and applied by a multiply), never
 stored: the op saves ``x`` only for dA or dW, ``h`` only for dB, the seed for the mask.
 ``x`` may be None when neither dA nor dW is needed, ``h`` None when dB is not.
 
@@ -52,7 +52,7 @@ _pad_index: dict = {}  # (slices, r, N, device) -> positions of B's elements in 
 
 
 def _layout(lora_slices: Sequence[int], n_out: int, rows: int, r: int):
-    """How targets other than one over all outputs (:func:`_is_full`) are applied: ``("padded",)``,
+    """How targets other than one over all outputs (``lora_slices == [0, n_out]``) are applied: ``("padded",)``,
     ``("batched", T, n, step, off_0)`` for ``T`` targets of width ``n`` at offsets ``off_0 + t·step``
     (``step >= n``), or ``("loop",)``."""
     T = len(lora_slices) // 2
@@ -115,27 +115,20 @@ def keep_multiplier(seed: Seed, rows: int, cols: int, p: float, like: torch.Tens
     return dropout_keep_multiplier(seed, rows, cols, p, like.device, like.dtype)
 
 
-_scales: dict = {}  # (value, dtype) -> a 0-dim CPU tensor holding value, see _scale_tensor
+_zeros: dict = {}  # dtype -> a 0-dim CPU zero of that dtype (see _dropped_input)
 
 
-def _scale_tensor(value: float, dtype: torch.dtype) -> torch.Tensor:
-    """``value`` as a 0-dim CPU tensor in the precision a ``dtype`` tensor multiplies scalars in (float64 for
-    float64, float32 otherwise): ``t.mul_(_scale_tensor(c, t.dtype))`` computes exactly ``t.mul_(c)``, without
-    wrapping the Python number in a fresh tensor on every call (a measurable cost at small sizes)."""
-    key = (value, dtype)
-    scale = _scales.get(key)
-    if scale is None:
-        if len(_scales) > 1024:
-            _scales.clear()
-        with torch.inference_mode(False):
-            scale = torch.tensor(value, dtype=torch.float64 if dtype is torch.float64 else torch.float32)
-        _scales[key] = scale
-    return scale
-
-
-def _is_full(lora_slices: Sequence[int], n_out: int) -> bool:
-    """One target over all ``n_out`` outputs (a plain ``LoRALinear``)."""
-    return len(lora_slices) == 2 and lora_slices[0] == 0 and lora_slices[1] == n_out
+def _dropped_input(x: torch.Tensor, seed: Seed, p: float) -> torch.Tensor:
+    """``x̂ = m∘x / (1-p)`` (M, K), a fresh tensor. On the CPU one ``addcmul`` (into a cached 0-dim zero) applies
+    mask and scale together: a call less than two multiplies, which counts at small sizes."""
+    M, K = x.shape
+    if x.is_cpu and seed.__class__ is int:
+        zero = _zeros.get(x.dtype)
+        if zero is None:
+            with torch.inference_mode(False):
+                zero = _zeros[x.dtype] = torch.zeros((), dtype=x.dtype)
+        return torch.addcmul(zero, dropout_keep_multiplier(seed, M, K, p, x.device, x.dtype), x, value=1.0 / (1.0 - p))
+    return keep_multiplier(seed, M, K, p, x).mul_(x).mul_(1.0 / (1.0 - p))
 
 
 def lora_linear_forward_ref(
@@ -157,14 +150,9 @@ def lora_linear_forward_ref(
         seed: dropout seed, an integer or an int64 one-element tensor (ignored when p == 0).
         lora_slices: ``[off_0, n_0, …]`` (see module doc).
     """
-    if dropout_p > 0.0:
-        # the mask as a 0/1 multiplier in x's dtype, turned into m∘x in place: x̂ Aᵀ = (m∘x) Aᵀ · 1/(1-p)
-        masked = keep_multiplier(seed, x.shape[0], x.shape[1], dropout_p, x).mul_(x)
-        h = F.linear(masked, lora_A).mul_(_scale_tensor(1.0 / (1.0 - dropout_p), x.dtype))
-    else:
-        h = F.linear(x, lora_A)
+    h = F.linear(_dropped_input(x, seed, dropout_p) if dropout_p > 0.0 else x, lora_A)  # x̂ Aᵀ
     y = F.linear(x, weight, bias)
-    if _is_full(lora_slices, y.shape[1]):
+    if len(lora_slices) == 2 and lora_slices[0] == 0 and lora_slices[1] == y.shape[1]:  # one target, all outputs
         return y.addmm_(h, lora_B.t(), alpha=scaling), h
     r = lora_B.shape[1]
     layout = _layout(lora_slices, y.shape[1], y.shape[0], r)
@@ -202,24 +190,23 @@ def lora_linear_backward_ref(
     """
     need_dx, need_dw, need_db, need_da, need_dlb = needs
     g = grad_y
-    M, N = g.shape
-    r = lora_B.shape[1]
+    N = g.shape[1]
     need_u = need_dx or need_da
     u = dB = None  # u = g B per target: (M, T·r)
-    if _is_full(lora_slices, N):
+    if len(lora_slices) == 2 and lora_slices[0] == 0 and lora_slices[1] == N:  # one target over all outputs
         if need_u:
             u = torch.mm(g, lora_B)
         if need_dlb:
             # beta=0: the first argument only gives the output's shape; its values are ignored.
             dB = torch.addmm(lora_B, g.t(), h, beta=0, alpha=scaling)
     elif need_u or need_dlb:
-        u, dB = _sliced_u_and_dB(g, lora_B, h, scaling, lora_slices, r, need_u, need_dlb)
+        u, dB = _sliced_u_and_dB(g, lora_B, h, scaling, lora_slices, lora_B.shape[1], need_u, need_dlb)
     dx = dW = db = dA = None
     if need_u:
         c = scaling
         keep = None
         if dropout_p > 0.0:
-            keep = keep_multiplier(seed, M, weight.shape[1], dropout_p, g)
+            keep = keep_multiplier(seed, g.shape[0], weight.shape[1], dropout_p, g)
             c = scaling / (1.0 - dropout_p)
         if need_dx:
             dx = torch.mm(u, lora_A)
