@@ -60,18 +60,20 @@ class _LoRAFunction(torch.autograd.Function):
         scaling, dropout_p, lora_slices, impl = hyper
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         y, h = impl.forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)
-        # what backward keeps (see ._grad_plan.keeps, inlined: this runs on every training step)
+        # what backward keeps (._grad_plan.keeps, inlined: this runs on every training step)
         need_dx, need_dw, _, need_da, need_dlb, _, _ = ctx.needs_input_grad
-        keep_seed = dropout_p > 0.0 and (need_dx or need_da)
-        kept = (x if need_da or need_dw else None, h if need_dlb else None, seed if keep_seed else None)
+        if dropout_p > 0.0 and not (need_dx or need_da):
+            seed, ctx.hyper = None, (scaling, 0.0, lora_slices, impl)  # no mask in backward: dB and dW do not need it
+        else:
+            ctx.hyper = hyper
         if weight.is_leaf and lora_A.is_leaf and lora_B.is_leaf:
-            ctx.save_for_backward(*kept)
+            ctx.save_for_backward(x if need_da or need_dw else None, h if need_dlb else None, seed)
             ctx.params = (weight, lora_A, lora_B)
             ctx.versions = (weight._version, lora_A._version, lora_B._version)
         else:
-            ctx.save_for_backward(*kept, weight, lora_A, lora_B)
+            ctx.save_for_backward(x if need_da or need_dw else None, h if need_dlb else None, seed,
+                                  weight, lora_A, lora_B)
             ctx.params = None
-        ctx.hyper = hyper if keep_seed or not dropout_p else (scaling, 0.0, lora_slices, impl)
         return y if x2 is x else unflatten(y, (*x.shape[:-1], weight.shape[0]))
 
     @staticmethod
@@ -90,19 +92,26 @@ class _LoRAFunction(torch.autograd.Function):
                     "operation between forward and backward"
                 )
         scaling, dropout_p, lora_slices, impl = ctx.hyper
-        g = grad_y if grad_y.dim() == 2 else grad_y.reshape(-1, grad_y.shape[-1])
-        dx, dW, db, dA, dB = impl.backward(
-            g.contiguous(), x if x is None or x.dim() == 2 else rows(x), weight, lora_A, lora_B, h, scaling,
-            dropout_p, seed, lora_slices, ctx.needs_input_grad[:GRAD_INPUTS],
-        )
-        if dx is not None and g is not grad_y:
-            dx = unflatten(dx, (*grad_y.shape[:-1], weight.shape[1]))
+        if grad_y.dim() == 2:
+            dx, dW, db, dA, dB = impl.backward(
+                grad_y.contiguous(), x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, lora_slices,
+                ctx.needs_input_grad[:GRAD_INPUTS],
+            )
+        else:
+            dx, dW, db, dA, dB = impl.backward(
+                rows(grad_y).contiguous(), rows(x) if x is not None else None, weight, lora_A, lora_B, h, scaling,
+                dropout_p, seed, lora_slices, ctx.needs_input_grad[:GRAD_INPUTS],
+            )
+            if dx is not None:
+                dx = unflatten(dx, (*grad_y.shape[:-1], weight.shape[1]))
         return dx, dW, db, dA, dB, None, None
 
 
-def run(x, weight, bias, lora_A, lora_B, seed, scaling: float, dropout_p: float, lora_slices):
-    """``y`` of the op for checked inputs of one dtype and device (see ``prepare_inputs``)."""
-    impl = backend_for(x, weight, lora_A, lora_B)
+def run(x, weight, bias, lora_A, lora_B, seed, scaling: float, dropout_p: float, lora_slices, impl=None):
+    """``y`` of the op for checked inputs of one dtype and device (see ``prepare_inputs``); ``impl``: the backend
+    object when the caller has chosen it (:func:`lora_fused.backends.backend_for`)."""
+    if impl is None:
+        impl = backend_for(x, weight, lora_A, lora_B)
     if _C.is_grad_enabled() and (
         x.requires_grad or lora_A.requires_grad or lora_B.requires_grad or weight.requires_grad
         or (bias is not None and bias.requires_grad)

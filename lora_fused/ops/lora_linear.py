@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .._errors import LoRADtypeError, LoRAShapeError
-from ..backends import requested_backend, select_backend
+from ..backends import backend_for_parts, requested_backend, select_backend
 from . import _eager
 from ._eager import rows as _rows, unflatten as _unflatten
 from ._grad_plan import GRAD_INPUTS, saved
@@ -142,9 +142,10 @@ def draw_seed(x: Tensor) -> Tensor:
     recomputes the same mask). Under ``torch.distributed`` the rank is mixed in, so ranks seeded alike still
     draw different masks."""
     seed = torch.randint(2**62, (1,), device=x.device)  # int64, uniform in [0, 2**62)
-    rank = _distributed_rank()
-    if rank:
-        seed = seed ^ ((rank * _RANK_MIX) & (2**62 - 1))
+    if _DIST_AVAILABLE and torch.distributed.is_initialized():
+        rank = _distributed_rank()
+        if rank:
+            seed = seed ^ ((rank * _RANK_MIX) & (2**62 - 1))
     return seed
 
 
@@ -223,40 +224,28 @@ def _onnx_exporting() -> bool:
 _onnx_exporting._dynamo_marked_constant = True  # type: ignore[attr-defined]  (see backends.requested_backend)
 
 
-def _plain_call(x, weight, bias, lora_A, lora_B) -> bool:
-    """Whether :func:`prepare_inputs` has nothing to do (shapes agree; one dtype and device; no autocast) and
-    nothing traces the call (:func:`._eager.eligible`): the common case, checked with as little work as
-    possible. False sends the call through the full checks, which raise the errors or cast."""
-    if type(x) is not Tensor or _C._is_any_autocast_enabled():
-        return False
-    dtype = x.dtype
-    if (weight.dtype is not dtype or lora_A.dtype is not dtype or lora_B.dtype is not dtype
-            or (bias is not None and bias.dtype is not dtype)):
-        return False
-    device = x.device
-    if (weight.device != device or lora_A.device != device or lora_B.device != device
-            or (bias is not None and bias.device != device)):
-        return False
-    xs, a_shape, b_shape, K = x.shape, lora_A.shape, lora_B.shape, weight.shape[1]
-    if (not xs or xs[-1] != K or len(a_shape) != 2 or a_shape[1] != K or len(b_shape) != 2 or not b_shape[1]
-            or a_shape[0] % b_shape[1]):
-        return False
-    return _eager.eligible(x)
-
-
 def lora_apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, lora_slices: Sequence[int], where):
     """Shared body of :func:`lora_linear`, :func:`~lora_fused.ops.lora_qkv` and the modules: validate, apply
     autocast, draw the seed when dropout is active, run the op (by the eager route when nothing traces it).
 
     ``lora_slices``: the flat ``[off_0, n_0, …]`` output columns of each target; ``where``: the caller's name
     for error messages, or a callable returning it."""
-    if _plain_call(x, weight, bias, lora_A, lora_B):
-        if not 0.0 <= dropout_p < 1.0:
-            raise ValueError(f"{_name(where)}: dropout_p must be in [0, 1), got {dropout_p}")
-        if training and dropout_p > 0.0:
-            return _eager.run(x, weight, bias, lora_A, lora_B, draw_seed(x), float(scaling), float(dropout_p),
-                              lora_slices)
-        return _eager.run(x, weight, bias, lora_A, lora_B, None, float(scaling), 0.0, lora_slices)
+    # The common call first, checked with as little work as possible (this runs once per layer and step): a plain
+    # tensor, no autocast, one dtype and device, shapes that agree, nothing tracing it. Anything else takes the
+    # full checks below, which cast or raise the error that names the problem.
+    if type(x) is Tensor and not _C._is_any_autocast_enabled():
+        dtype, device = x.dtype, x.device
+        xs, a_shape, b_shape, K = x.shape, lora_A.shape, lora_B.shape, weight.shape[1]
+        if (weight.dtype is dtype and lora_A.dtype is dtype and lora_B.dtype is dtype
+                and weight.device == device and lora_A.device == device and lora_B.device == device
+                and (bias is None or (bias.dtype is dtype and bias.device == device))
+                and xs and xs[-1] == K and len(a_shape) == 2 and a_shape[1] == K and len(b_shape) == 2
+                and b_shape[1] and not a_shape[0] % b_shape[1] and 0.0 <= dropout_p < 1.0 and _eager.eligible(x)):
+            impl = backend_for_parts(device, dtype, a_shape, b_shape, x, weight, lora_A, lora_B)
+            if training and dropout_p > 0.0:
+                return _eager.run(x, weight, bias, lora_A, lora_B, draw_seed(x), float(scaling), float(dropout_p),
+                                  lora_slices, impl)
+            return _eager.run(x, weight, bias, lora_A, lora_B, None, float(scaling), 0.0, lora_slices, impl)
     x, weight, bias, lora_A, lora_B = prepare_inputs(x, weight, bias, lora_A, lora_B, where)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{_name(where)}: dropout_p must be in [0, 1), got {dropout_p}")

@@ -66,22 +66,28 @@ def dropout_keep_multiplier(seed: int, rows: int, cols: int, p: float, device: t
         device: where to generate the mask (its own ``torch.Generator`` type).
         dtype: the floating dtype of the result.
     """
+    return keep_multiplier_of_size(int(seed), (rows, cols), p, torch.device(device), dtype)
+
+
+def keep_multiplier_of_size(seed: int, size, p: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`dropout_keep_multiplier` for a Python ``int`` seed, a ``size`` (a 2-tuple or ``torch.Size``) and a
+    ``torch.device``: the form the kernels call on every step, without argument conversions."""
     try:  # the thread's generator for this device (made on first use)
         gen = _local.gens[device]
     except (AttributeError, KeyError):
-        gen = _generator(device if device.__class__ is torch.device else torch.device(device))
-    gen.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+        gen = _generator(device)
+    gen.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
     # randint over 65536 values takes (32-bit draw mod 65536) + low; with low = 1 - t the kept draws are >= 1
     # and the dropped ones <= 0, so a clamp to [0, 1] is the multiplier. Integers of that range are exact in
     # float32 and float64; narrower dtypes draw in float32 and convert (0 and 1 are exact everywhere).
     low = 1 - keep_threshold_u16(p)
-    if dtype in _EXACT_DRAW_DTYPES:
-        return torch.randint(low, low + _U16, (rows, cols), generator=gen, device=device, dtype=dtype).clamp_(0, 1)
-    keep = torch.randint(low, low + _U16, (rows, cols), generator=gen, device=device, dtype=torch.float32)
+    if dtype is _F32 or dtype is _F64:
+        return torch.randint(low, low + _U16, size, generator=gen, device=device, dtype=dtype).clamp_(0, 1)
+    keep = torch.randint(low, low + _U16, size, generator=gen, device=device, dtype=_F32)
     return keep.clamp_(0, 1).to(dtype)
 
 
-_EXACT_DRAW_DTYPES = (torch.float32, torch.float64)
+_F32, _F64 = torch.float32, torch.float64
 
 
 def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.device) -> torch.Tensor:

@@ -31,7 +31,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .dropout import dropout_keep_mask, dropout_keep_multiplier, hashed_keep_mask
+from .dropout import dropout_keep_mask, hashed_keep_mask, keep_multiplier_of_size
 
 Seed = Union[int, torch.Tensor, None]
 
@@ -112,23 +112,18 @@ def keep_multiplier(seed: Seed, rows: int, cols: int, p: float, like: torch.Tens
     """:func:`keep_mask` as a 0/1 tensor of ``like``'s dtype on its device (what the kernels multiply by)."""
     if isinstance(seed, torch.Tensor):
         return hashed_keep_mask(seed, rows, cols, p, like.device).to(like.dtype)
-    return dropout_keep_multiplier(seed, rows, cols, p, like.device, like.dtype)
+    return keep_multiplier_of_size(int(seed), (rows, cols), p, like.device, like.dtype)
 
 
-_zeros: dict = {}  # dtype -> a 0-dim CPU zero of that dtype (see _dropped_input)
+_zeros: dict = {}  # dtype -> a 0-dim CPU zero of that dtype (see lora_linear_forward_ref)
 
 
-def _dropped_input(x: torch.Tensor, seed: Seed, p: float) -> torch.Tensor:
-    """``x̂ = m∘x / (1-p)`` (M, K), a fresh tensor. On the CPU one ``addcmul`` (into a cached 0-dim zero) applies
-    mask and scale together: a call less than two multiplies, which counts at small sizes."""
-    M, K = x.shape
-    if x.is_cpu and seed.__class__ is int:
-        zero = _zeros.get(x.dtype)
-        if zero is None:
-            with torch.inference_mode(False):
-                zero = _zeros[x.dtype] = torch.zeros((), dtype=x.dtype)
-        return torch.addcmul(zero, dropout_keep_multiplier(seed, M, K, p, x.device, x.dtype), x, value=1.0 / (1.0 - p))
-    return keep_multiplier(seed, M, K, p, x).mul_(x).mul_(1.0 / (1.0 - p))
+def _zero(dtype: torch.dtype) -> torch.Tensor:
+    zero = _zeros.get(dtype)
+    if zero is None:
+        with torch.inference_mode(False):
+            zero = _zeros[dtype] = torch.zeros((), dtype=dtype)
+    return zero
 
 
 def lora_linear_forward_ref(
@@ -150,7 +145,20 @@ def lora_linear_forward_ref(
         seed: dropout seed, an integer or an int64 one-element tensor (ignored when p == 0).
         lora_slices: ``[off_0, n_0, …]`` (see module doc).
     """
-    h = F.linear(_dropped_input(x, seed, dropout_p) if dropout_p > 0.0 else x, lora_A)  # x̂ Aᵀ
+    if dropout_p > 0.0:  # x̂ = m∘x / (1-p), a fresh tensor
+        if seed.__class__ is int and x.is_cpu:
+            # one addcmul into a cached 0-dim zero applies mask and scale: a call less than two multiplies
+            dtype = x.dtype
+            zero = _zeros.get(dtype)
+            if zero is None:
+                zero = _zero(dtype)
+            keep = keep_multiplier_of_size(seed, x.shape, dropout_p, x.device, dtype)
+            x_hat = torch.addcmul(zero, keep, x, value=1.0 / (1.0 - dropout_p))
+        else:
+            x_hat = keep_multiplier(seed, x.shape[0], x.shape[1], dropout_p, x).mul_(x).mul_(1.0 / (1.0 - dropout_p))
+        h = F.linear(x_hat, lora_A)
+    else:
+        h = F.linear(x, lora_A)
     y = F.linear(x, weight, bias)
     if len(lora_slices) == 2 and lora_slices[0] == 0 and lora_slices[1] == y.shape[1]:  # one target, all outputs
         return y.addmm_(h, lora_B.t(), alpha=scaling), h
@@ -206,7 +214,11 @@ def lora_linear_backward_ref(
         c = scaling
         keep = None
         if dropout_p > 0.0:
-            keep = keep_multiplier(seed, g.shape[0], weight.shape[1], dropout_p, g)
+            if seed.__class__ is int and g.is_cpu:
+                size = x.shape if x is not None else (g.shape[0], weight.shape[1])
+                keep = keep_multiplier_of_size(seed, size, dropout_p, g.device, g.dtype)
+            else:
+                keep = keep_multiplier(seed, g.shape[0], weight.shape[1], dropout_p, g)
             c = scaling / (1.0 - dropout_p)
         if need_dx:
             dx = torch.mm(u, lora_A)
