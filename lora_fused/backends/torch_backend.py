@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 
 from ..kernels.reference import lora_linear_backward_ref, lora_linear_forward_ref
 
