@@ -199,3 +199,13 @@ def test_reference_kernels_with_a_seed_tensor_use_the_hashed_mask(slices):
     (ref * g.double()).sum().backward()
     for got, leaf in zip(grads, leaves):
         assert_close_dtype(got, leaf.grad, torch.float32, "grad")
+
+
+def test_adapter_on_another_device_raises_on_the_fast_path():
+    """The eager fast path compares devices too: a meta adapter on a CPU input would otherwise run without error
+    (meta kernels accept the mix) and return nonsense."""
+    for train in (True, False):
+        m = _module("linear").train(train)
+        m.lora_adapters["default"].lora_A = nn.Parameter(torch.empty(m.lora_A.shape, device="meta"))
+        with pytest.raises(lora_fused.LoRADtypeError, match="another device"):
+            m(torch.randn(4, 12))

@@ -176,3 +176,24 @@ def test_every_multi_target_path_vs_float64(path, slices, p, monkeypatch):
     (ref * g).sum().backward()
     for name, got, leaf in zip("xWbAB", grads, leaves):
         torch.testing.assert_close(got, leaf.grad, msg=f"grad {name} ({path})")
+
+
+@pytest.mark.parametrize("p", [1e-6, 0.1, 0.5, 0.97, "at a draw"])
+def test_cpu_mask_follows_its_documented_formula(p):
+    """Element i is kept when the low 16 bits of the i-th 32-bit draw of a generator seeded with the seed reach
+    keep_threshold_u16(p) (those 16 bits are what randint over 65536 values returns); every dtype gets the same
+    mask, and the boolean mask is the multiplier's support. "at a draw" puts the threshold exactly on one draw,
+    which must be kept (an off-by-one in the comparison shows there)."""
+    from lora_fused.kernels.reference.dropout import dropout_keep_multiplier, keep_threshold_u16
+
+    rows, cols, seed = 37, 53, 2**40 + 12345
+    u16 = torch.randint(0, 65536, (rows, cols), generator=torch.Generator().manual_seed(seed))
+    if p == "at a draw":
+        p = int(u16[3, 5]) / 65536
+        assert keep_threshold_u16(p) == u16[3, 5]
+    want = u16 >= keep_threshold_u16(p)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        keep = dropout_keep_multiplier(seed, rows, cols, p, torch.device("cpu"), dtype)
+        assert keep.dtype == dtype and keep.shape == (rows, cols)
+        assert torch.equal(keep, want.to(dtype))
+    assert torch.equal(dropout_keep_mask(seed, rows, cols, p, "cpu"), want)

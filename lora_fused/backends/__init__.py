@@ -157,21 +157,33 @@ def backend_for(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     for tensors that share ``x``'s dtype and device (the ops check that first); ``x`` is (..., K).
 
     The answer is remembered per (context choice, process default, ``LORA_FUSED_BACKEND`` value, device,
-    dtype, rank, adapter rows): every backend's ``reject_reason`` is a function of these and of the size
-    class (sizes of 2**31 and more are never remembered). So ``use_backend``, ``set_backend`` and the
-    environment variable take effect at once, and a named backend that cannot run raises on every call."""
-    K, N = weight.shape[1], weight.shape[0]
-    key = (_context_choice.get(), _process_default, _env_raw(), x.device, x.dtype, lora_B.shape[1], lora_A.shape[0])
+    dtype, adapter shapes): every backend's ``reject_reason`` is a function of these and of the size class
+    (calls with ``x`` or ``weight`` of 2**31 elements or more are never remembered nor answered from memory).
+    So ``use_backend``, ``set_backend`` and the environment variable take effect at once, and a named backend
+    that cannot run raises on every call."""
+    return backend_for_parts(x.device, x.dtype, lora_A.shape, lora_B.shape, x, weight, lora_A, lora_B)
+
+
+def backend_for_parts(device, dtype, a_shape, b_shape, x, weight, lora_A, lora_B):
+    """:func:`backend_for` with ``x.device``, ``x.dtype``, ``lora_A.shape`` and ``lora_B.shape`` already read
+    by the caller (the op's fast path has them)."""
+    key = (_context_choice.get(), _process_default, _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else _env_raw(),
+           device, dtype, a_shape, b_shape)
     hit = _selection_cache.get(key)
-    if hit is None or x.numel() >= _BIG or K >= _BIG or N >= _BIG:
-        try:
-            hit = select_backend(get_backend(), x.reshape(-1, K), weight, lora_A, lora_B)
-        except BackendUnavailableError as exc:
-            hit = exc
-        if x.numel() < _BIG and K < _BIG and N < _BIG:
-            _selection_cache[key] = hit
+    if hit is None or x.numel() >= _BIG or weight.numel() >= _BIG:
+        hit = _select_and_remember(key, x, weight, lora_A, lora_B)
     if isinstance(hit, BackendUnavailableError):
         raise BackendUnavailableError(str(hit))
+    return hit
+
+
+def _select_and_remember(key, x, weight, lora_A, lora_B):
+    try:
+        hit = select_backend(get_backend(), x.reshape(-1, weight.shape[1]), weight, lora_A, lora_B)
+    except BackendUnavailableError as exc:
+        hit = exc
+    if x.numel() < _BIG and weight.numel() < _BIG:
+        _selection_cache[key] = hit
     return hit
 
 

@@ -4,17 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 
 from ..kernels.reference import lora_linear_backward_ref, lora_linear_forward_ref
-
-
-def _seed_value(seed: Optional[torch.Tensor], dropout_p: float, x: torch.Tensor):
-    """The seed as the reference kernels take it: a Python integer for CPU tensors (``.item()`` is free there),
-    the tensor itself on other devices (hashed there: no host sync, capturable in a CUDA graph)."""
-    if seed is None or dropout_p <= 0:
-        return None
-    return int(seed.item()) if x.is_cpu else seed
 
 
 class TorchBackend:
@@ -28,15 +19,19 @@ class TorchBackend:
             return f"dtype {x.dtype} is not a floating-point type"
         return None
 
+    # The seed reaches the reference kernels as a Python integer for CPU tensors (``.item()`` is free there),
+    # as the tensor itself on other devices (hashed there: no host sync, capturable in a CUDA graph).
+
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices):
-        return lora_linear_forward_ref(
-            x, weight, bias, lora_A, lora_B, scaling, dropout_p, _seed_value(seed, dropout_p, x), lora_slices
-        )
+        if dropout_p > 0.0 and x.is_cpu:
+            seed = seed.item()
+        return lora_linear_forward_ref(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)
 
     def backward(self, grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, lora_slices, needs):
+        if dropout_p > 0.0 and grad_y.is_cpu:
+            seed = seed.item()
         return lora_linear_backward_ref(
-            grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, _seed_value(seed, dropout_p, grad_y),
-            lora_slices, needs,
+            grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, lora_slices, needs
         )
 
 

@@ -291,16 +291,23 @@ class LoRABase(nn.Linear):
         return f"{type(self).__name__}(in_features={self.in_features}, out_features={self.out_features})"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        adapters = self.lora_adapters
-        name = self.active_adapter
-        if self.merged_adapter is not None or self.adapters_disabled or name not in adapters:
-            return F.linear(x, self.weight, self.bias)
-        adapter = adapters[name]
-        spec = adapter.spec
-        return lora_apply(
-            x, self.weight, self.bias, adapter.lora_A, adapter.lora_B, spec.scaling, spec.lora_dropout,
-            self.training, spec.slices, self._describe,
-        )
+        # Parameters and submodules are read from their registries: ``self.weight`` would go through
+        # ``nn.Module.__getattr__`` (a failed lookup first), a measurable share of a small layer's host time.
+        # Anything that keeps them elsewhere (parametrizations, pruning) is read the ordinary way.
+        if self.merged_adapter is None and not self.adapters_disabled:
+            adapter = self._modules["lora_adapters"]._modules.get(self.active_adapter)
+            if adapter is not None:
+                params, adapter_params = self._parameters, adapter._parameters
+                spec = adapter.spec
+                return lora_apply(
+                    x,
+                    params["weight"] if "weight" in params else self.weight,
+                    params["bias"] if "bias" in params else self.bias,
+                    adapter_params["lora_A"] if "lora_A" in adapter_params else adapter.lora_A,
+                    adapter_params["lora_B"] if "lora_B" in adapter_params else adapter.lora_B,
+                    spec.scaling, spec.lora_dropout, self.training, spec.slices, self._describe,
+                )
+        return F.linear(x, self.weight, self.bias)
 
     # -- merge -----------------------------------------------------------------------------------------------
     @property

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..backends import backend_for
-from ._grad_plan import GRAD_INPUTS, keeps, refuse_double_backward
+from ._grad_plan import GRAD_INPUTS, refuse_double_backward
 
 _C = torch._C
 
@@ -58,50 +58,66 @@ class _LoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, seed, hyper):
         scaling, dropout_p, lora_slices, impl = hyper
-        y, h = impl.forward(rows(x), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)
-        keep_x, keep_h, keep_seed = keeps(ctx.needs_input_grad, dropout_p)
-        params = (weight, lora_A, lora_B)
-        kept = (x if keep_x else None, h if keep_h else None, seed if keep_seed else None)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y, h = impl.forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)
+        # what backward keeps (._grad_plan.keeps, inlined: this runs on every training step)
+        need_dx, need_dw, _, need_da, need_dlb, _, _ = ctx.needs_input_grad
+        if dropout_p > 0.0 and not (need_dx or need_da):
+            seed, ctx.hyper = None, (scaling, 0.0, lora_slices, impl)  # no mask in backward: dB and dW do not need it
+        else:
+            ctx.hyper = hyper
         if weight.is_leaf and lora_A.is_leaf and lora_B.is_leaf:
-            ctx.save_for_backward(*kept)
-            ctx.params = params
+            ctx.save_for_backward(x if need_da or need_dw else None, h if need_dlb else None, seed)
+            ctx.params = (weight, lora_A, lora_B)
             ctx.versions = (weight._version, lora_A._version, lora_B._version)
         else:
-            ctx.save_for_backward(*kept, *params)
+            ctx.save_for_backward(x if need_da or need_dw else None, h if need_dlb else None, seed,
+                                  weight, lora_A, lora_B)
             ctx.params = None
-        ctx.hyper = (scaling, dropout_p if keep_seed else 0.0, lora_slices, impl)
-        return unflatten(y, (*x.shape[:-1], weight.shape[0]))
+        return y if x2 is x else unflatten(y, (*x.shape[:-1], weight.shape[0]))
 
     @staticmethod
     def backward(ctx, grad_y):
-        refuse_double_backward(_C.is_grad_enabled())
-        if ctx.params is None:
+        if _C.is_grad_enabled():
+            refuse_double_backward(True)
+        params = ctx.params
+        if params is None:
             x, h, seed, weight, lora_A, lora_B = ctx.saved_tensors
         else:
             x, h, seed = ctx.saved_tensors
-            weight, lora_A, lora_B = ctx.params
+            weight, lora_A, lora_B = params
             if (weight._version, lora_A._version, lora_B._version) != ctx.versions:
                 raise RuntimeError(
                     "lora_fused: a weight or adapter needed for the LoRA gradient was modified by an inplace "
                     "operation between forward and backward"
                 )
         scaling, dropout_p, lora_slices, impl = ctx.hyper
-        dx, dW, db, dA, dB = impl.backward(
-            rows(grad_y).contiguous(), rows(x) if x is not None else None, weight, lora_A, lora_B, h, scaling,
-            dropout_p, seed, lora_slices, ctx.needs_input_grad[:GRAD_INPUTS],
-        )
-        if dx is not None:
-            dx = unflatten(dx, (*grad_y.shape[:-1], weight.shape[1]))
+        if grad_y.dim() == 2:
+            dx, dW, db, dA, dB = impl.backward(
+                grad_y.contiguous(), x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, lora_slices,
+                ctx.needs_input_grad[:GRAD_INPUTS],
+            )
+        else:
+            dx, dW, db, dA, dB = impl.backward(
+                rows(grad_y).contiguous(), rows(x) if x is not None else None, weight, lora_A, lora_B, h, scaling,
+                dropout_p, seed, lora_slices, ctx.needs_input_grad[:GRAD_INPUTS],
+            )
+            if dx is not None:
+                dx = unflatten(dx, (*grad_y.shape[:-1], weight.shape[1]))
         return dx, dW, db, dA, dB, None, None
 
 
-def run(x, weight, bias, lora_A, lora_B, seed, scaling: float, dropout_p: float, lora_slices):
-    """``y`` of the op for checked inputs of one dtype and device (see ``prepare_inputs``)."""
-    impl = backend_for(x, weight, lora_A, lora_B)
+def run(x, weight, bias, lora_A, lora_B, seed, scaling: float, dropout_p: float, lora_slices, impl=None):
+    """``y`` of the op for checked inputs of one dtype and device (see ``prepare_inputs``); ``impl``: the backend
+    object when the caller has chosen it (:func:`lora_fused.backends.backend_for`)."""
+    if impl is None:
+        impl = backend_for(x, weight, lora_A, lora_B)
     if _C.is_grad_enabled() and (
         x.requires_grad or lora_A.requires_grad or lora_B.requires_grad or weight.requires_grad
         or (bias is not None and bias.requires_grad)
     ):
         return _LoRAFunction.apply(x, weight, bias, lora_A, lora_B, seed, (scaling, dropout_p, lora_slices, impl))
+    if x.dim() == 2:
+        return impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)[0]
     y, _ = impl.forward(rows(x), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)
-    return y if x.dim() == 2 else unflatten(y, (*x.shape[:-1], weight.shape[0]))
+    return unflatten(y, (*x.shape[:-1], weight.shape[0]))

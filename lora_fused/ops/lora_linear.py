@@ -36,10 +36,12 @@ import torch
 from torch import Tensor
 
 from .._errors import LoRADtypeError, LoRAShapeError
-from ..backends import requested_backend, select_backend
+from ..backends import backend_for_parts, requested_backend, select_backend
 from . import _eager
 from ._eager import rows as _rows, unflatten as _unflatten
 from ._grad_plan import GRAD_INPUTS, saved
+
+_C = torch._C
 
 
 @torch.library.custom_op("lora_fused::lora_linear", mutates_args=())
@@ -124,11 +126,11 @@ _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 _RANK_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads rank ids over the seed space
+_DIST_AVAILABLE = torch.distributed.is_available()  # a property of the build: read once
 
 
 def _distributed_rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return torch.distributed.get_rank() if _DIST_AVAILABLE and torch.distributed.is_initialized() else 0
 
 
 _distributed_rank._dynamo_marked_constant = True  # type: ignore[attr-defined]  (see backends.requested_backend)
@@ -139,10 +141,11 @@ def draw_seed(x: Tensor) -> Tensor:
     ``torch.manual_seed`` reproduces the masks (and activation checkpointing, which restores the RNG state,
     recomputes the same mask). Under ``torch.distributed`` the rank is mixed in, so ranks seeded alike still
     draw different masks."""
-    seed = torch.randint(0, 2**62, (1,), device=x.device, dtype=torch.int64)
-    rank = _distributed_rank()
-    if rank:
-        seed = seed ^ ((rank * _RANK_MIX) & (2**62 - 1))
+    seed = torch.randint(2**62, (1,), device=x.device)  # int64, uniform in [0, 2**62)
+    if _DIST_AVAILABLE and torch.distributed.is_initialized():
+        rank = _distributed_rank()
+        if rank:
+            seed = seed ^ ((rank * _RANK_MIX) & (2**62 - 1))
     return seed
 
 
@@ -189,7 +192,7 @@ def prepare_inputs(x, weight, bias, lora_A, lora_B, where):
             or a_shape[0] % b_shape[1]):
         raise _shape_error(x, weight, lora_A, lora_B, where)
     device = x.device
-    if torch._C._is_any_autocast_enabled():
+    if _C._is_any_autocast_enabled():
         autocast = _autocast_dtype(device)
         if autocast is not None:
             x, weight = x.to(autocast), weight.to(autocast)
@@ -227,6 +230,22 @@ def lora_apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, lo
 
     ``lora_slices``: the flat ``[off_0, n_0, …]`` output columns of each target; ``where``: the caller's name
     for error messages, or a callable returning it."""
+    # The common call first, checked with as little work as possible (this runs once per layer and step): a plain
+    # tensor, no autocast, one dtype and device, shapes that agree, nothing tracing it. Anything else takes the
+    # full checks below, which cast or raise the error that names the problem.
+    if type(x) is Tensor and not _C._is_any_autocast_enabled():
+        dtype, device = x.dtype, x.device
+        xs, a_shape, b_shape, K = x.shape, lora_A.shape, lora_B.shape, weight.shape[1]
+        if (weight.dtype is dtype and lora_A.dtype is dtype and lora_B.dtype is dtype
+                and weight.device == device and lora_A.device == device and lora_B.device == device
+                and (bias is None or (bias.dtype is dtype and bias.device == device))
+                and xs and xs[-1] == K and len(a_shape) == 2 and a_shape[1] == K and len(b_shape) == 2
+                and b_shape[1] and not a_shape[0] % b_shape[1] and 0.0 <= dropout_p < 1.0 and _eager.eligible(x)):
+            impl = backend_for_parts(device, dtype, a_shape, b_shape, x, weight, lora_A, lora_B)
+            if training and dropout_p > 0.0:
+                return _eager.run(x, weight, bias, lora_A, lora_B, draw_seed(x), float(scaling), float(dropout_p),
+                                  lora_slices, impl)
+            return _eager.run(x, weight, bias, lora_A, lora_B, None, float(scaling), 0.0, lora_slices, impl)
     x, weight, bias, lora_A, lora_B = prepare_inputs(x, weight, bias, lora_A, lora_B, where)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{_name(where)}: dropout_p must be in [0, 1), got {dropout_p}")

@@ -13,7 +13,8 @@ Backward:  u_t = g_t B_t (so dh = s·u);  dB_t = s · g_tᵀ h_t;  dA = s·c · 
            dx = g W + s·c · m∘(u A);  dW = gᵀ x;  db = Σ_rows g      (each only when asked for)
 
 Scalars ride on the GEMMs (``alpha``/``beta``) rather than on extra passes, and ``x`` is masked at most once
-per direction, never stored: the op saves ``x`` only for dA or dW, ``h`` only for dB, the seed for the mask.
+per direction (the mask is made as a 0/1 multiplier in ``x``'s dtype and applied by a multiply), never
+stored: the op saves ``x`` only for dA or dW, ``h`` only for dB, the seed for the mask.
 ``x`` may be None when neither dA nor dW is needed, ``h`` None when dB is not.
 
 Several targets (or one on part of the outputs) are applied in one of three ways, all the same math:
@@ -30,7 +31,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .dropout import dropout_keep_mask, dropout_scale, hashed_keep_mask
+from .dropout import dropout_keep_mask, hashed_keep_mask, keep_multiplier_of_size
 
 Seed = Union[int, torch.Tensor, None]
 
@@ -51,13 +52,11 @@ _pad_index: dict = {}  # (slices, r, N, device) -> positions of B's elements in 
 
 
 def _layout(lora_slices: Sequence[int], n_out: int, rows: int, r: int):
-    """How the targets are applied: ``("full",)`` (one target over all outputs), ``("padded",)``,
+    """How targets other than one over all outputs (``lora_slices == [0, n_out]``) are applied: ``("padded",)``,
     ``("batched", T, n, step, off_0)`` for ``T`` targets of width ``n`` at offsets ``off_0 + t·step``
     (``step >= n``), or ``("loop",)``."""
     T = len(lora_slices) // 2
     off0, n = lora_slices[0], lora_slices[1]
-    if T == 1 and off0 == 0 and n == n_out:
-        return ("full",)
     if rows * n_out * T * r <= SMALL:
         return ("padded",)
     step = lora_slices[2] - off0 if T > 1 else n
@@ -102,11 +101,29 @@ def _columns(t: torch.Tensor, T: int, n: int, step: int, off0: int) -> torch.Ten
 
 
 def keep_mask(seed: Seed, rows: int, cols: int, p: float, device: torch.device) -> torch.Tensor:
-    """The torch backend's keep mask: :func:`dropout_keep_mask` for an integer seed (CPU),
+    """The torch backend's boolean keep mask: :func:`dropout_keep_mask` for an integer seed (CPU),
     :func:`hashed_keep_mask` for a seed tensor (other devices, no host sync)."""
     if isinstance(seed, torch.Tensor):
         return hashed_keep_mask(seed, rows, cols, p, device)
     return dropout_keep_mask(seed, rows, cols, p, device)
+
+
+def keep_multiplier(seed: Seed, rows: int, cols: int, p: float, like: torch.Tensor) -> torch.Tensor:
+    """:func:`keep_mask` as a 0/1 tensor of ``like``'s dtype on its device (what the kernels multiply by)."""
+    if isinstance(seed, torch.Tensor):
+        return hashed_keep_mask(seed, rows, cols, p, like.device).to(like.dtype)
+    return keep_multiplier_of_size(int(seed), (rows, cols), p, like.device, like.dtype)
+
+
+_zeros: dict = {}  # dtype -> a 0-dim CPU zero of that dtype (see lora_linear_forward_ref)
+
+
+def _zero(dtype: torch.dtype) -> torch.Tensor:
+    zero = _zeros.get(dtype)
+    if zero is None:
+        with torch.inference_mode(False):
+            zero = _zeros[dtype] = torch.zeros((), dtype=dtype)
+    return zero
 
 
 def lora_linear_forward_ref(
@@ -128,25 +145,33 @@ def lora_linear_forward_ref(
         seed: dropout seed, an integer or an int64 one-element tensor (ignored when p == 0).
         lora_slices: ``[off_0, n_0, …]`` (see module doc).
     """
-    if dropout_p > 0.0:
-        # the mask in x's dtype: one conversion, then multiplies without a per-element cast (faster than bool)
-        keep = keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device).to(x.dtype)
-        h = F.linear(x * keep, lora_A).mul_(dropout_scale(dropout_p))  # x̂ Aᵀ
+    if dropout_p > 0.0:  # x̂ = m∘x / (1-p), a fresh tensor
+        if seed.__class__ is int and x.is_cpu:
+            # one addcmul into a cached 0-dim zero applies mask and scale: a call less than two multiplies
+            dtype = x.dtype
+            zero = _zeros.get(dtype)
+            if zero is None:
+                zero = _zero(dtype)
+            keep = keep_multiplier_of_size(seed, x.shape, dropout_p, x.device, dtype)
+            x_hat = torch.addcmul(zero, keep, x, value=1.0 / (1.0 - dropout_p))
+        else:
+            x_hat = keep_multiplier(seed, x.shape[0], x.shape[1], dropout_p, x).mul_(x).mul_(1.0 / (1.0 - dropout_p))
+        h = F.linear(x_hat, lora_A)
     else:
         h = F.linear(x, lora_A)
     y = F.linear(x, weight, bias)
+    if len(lora_slices) == 2 and lora_slices[0] == 0 and lora_slices[1] == y.shape[1]:  # one target, all outputs
+        return y.addmm_(h, lora_B.t(), alpha=scaling), h
     r = lora_B.shape[1]
     layout = _layout(lora_slices, y.shape[1], y.shape[0], r)
-    if layout[0] == "full":
-        y.addmm_(h, lora_B.t(), alpha=scaling)
-    elif layout[0] == "padded":
+    if layout[0] == "padded":
         y.addmm_(h, _padded_Bt(lora_B, lora_slices, y.shape[1])[0], alpha=scaling)
     elif layout[0] == "batched":
         _, T, n, step, off0 = layout
         h3 = h.view(h.shape[0], T, r).transpose(0, 1)  # h is fresh and contiguous
         _columns(y, T, n, step, off0).baddbmm_(h3, lora_B.reshape(T, n, r).transpose(1, 2), alpha=scaling)
     else:
-        for a_rows, b_rows, cols in iter_slices(lora_slices, lora_B.shape[1]):
+        for a_rows, b_rows, cols in iter_slices(lora_slices, r):
             y[:, cols].addmm_(h[:, a_rows], lora_B[b_rows].t(), alpha=scaling)
     return y, h
 
@@ -173,51 +198,66 @@ def lora_linear_backward_ref(
     """
     need_dx, need_dw, need_db, need_da, need_dlb = needs
     g = grad_y
-    M, K = g.shape[0], weight.shape[1]
-    r = lora_B.shape[1]
-    layout = _layout(lora_slices, g.shape[1], M, r)
-    dx = dW = db = dA = dB = None
-    u = None  # g B per target: (M, T·r)
-    padded = None
-    if layout[0] == "padded" and (need_dx or need_da or need_dlb):
-        padded = _padded_Bt(lora_B, lora_slices, g.shape[1])
-    if need_dx or need_da:
-        if layout[0] == "full":
+    N = g.shape[1]
+    need_u = need_dx or need_da
+    u = dB = None  # u = g B per target: (M, T·r)
+    if len(lora_slices) == 2 and lora_slices[0] == 0 and lora_slices[1] == N:  # one target over all outputs
+        if need_u:
             u = torch.mm(g, lora_B)
-        elif padded is not None:
-            u = torch.mm(g, padded[0].t())
-        elif layout[0] == "batched":
-            _, T, n, step, off0 = layout
-            u = torch.bmm(_columns(g, T, n, step, off0), lora_B.reshape(T, n, r)).transpose(0, 1).reshape(M, T * r)
-        else:
-            u = torch.cat([g[:, cols] @ lora_B[b_rows] for _, b_rows, cols in iter_slices(lora_slices, r)], dim=1)
-    if need_dlb:
-        # beta=0: the first argument only gives the output's shape; its values are ignored.
-        if layout[0] == "full":
+        if need_dlb:
+            # beta=0: the first argument only gives the output's shape; its values are ignored.
             dB = torch.addmm(lora_B, g.t(), h, beta=0, alpha=scaling)
-        elif padded is not None:
-            dB = torch.addmm(padded[0], h.t(), g, beta=0, alpha=scaling).take(padded[1])
-        elif layout[0] == "batched":
-            _, T, n, step, off0 = layout
-            g3 = _columns(g, T, n, step, off0)
-            h3 = h.reshape(M, T, r).transpose(0, 1)
-            dB = torch.baddbmm(lora_B.reshape(T, n, r), g3.transpose(1, 2), h3, beta=0, alpha=scaling).view(-1, r)
-        else:
-            dB = torch.cat(
-                [g[:, cols].t() @ h[:, a_rows] for a_rows, _, cols in iter_slices(lora_slices, r)], dim=0
-            ).mul_(scaling)
-    masked = dropout_p > 0.0 and (need_dx or need_da)
-    keep = keep_mask(seed, M, K, dropout_p, g.device).to(g.dtype) if masked else None
-    c = scaling * dropout_scale(dropout_p) if masked else scaling
-    if need_da:
-        dA = torch.addmm(lora_A, u.t(), x if keep is None else x * keep, beta=0, alpha=c)
-    if need_dx:
-        dx = torch.mm(u, lora_A)
-        if keep is not None:
-            dx.mul_(keep)
-        dx = dx.addmm_(g, weight, beta=c)  # c · m∘(u A) + g W
+    elif need_u or need_dlb:
+        u, dB = _sliced_u_and_dB(g, lora_B, h, scaling, lora_slices, lora_B.shape[1], need_u, need_dlb)
+    dx = dW = db = dA = None
+    if need_u:
+        c = scaling
+        keep = None
+        if dropout_p > 0.0:
+            if seed.__class__ is int and g.is_cpu:
+                size = x.shape if x is not None else (g.shape[0], weight.shape[1])
+                keep = keep_multiplier_of_size(seed, size, dropout_p, g.device, g.dtype)
+            else:
+                keep = keep_multiplier(seed, g.shape[0], weight.shape[1], dropout_p, g)
+            c = scaling / (1.0 - dropout_p)
+        if need_dx:
+            dx = torch.mm(u, lora_A)
+            if keep is not None:
+                dx.mul_(keep)
+            dx.addmm_(g, weight, beta=c)  # c · m∘(u A) + g W
+        if need_da:  # after dx: the multiplier becomes m∘x in place
+            dA = torch.addmm(lora_A, u.t(), x if keep is None else keep.mul_(x), beta=0, alpha=c)
     if need_dw:
         dW = torch.mm(g.t(), x)
     if need_db:
         db = g.sum(0)
     return dx, dW, db, dA, dB
+
+
+def _sliced_u_and_dB(g, lora_B, h, scaling, lora_slices, r, need_u, need_dlb):
+    """``(u, dB)`` of several targets, or of one on part of the outputs (None where not needed)."""
+    M, N = g.shape
+    layout = _layout(lora_slices, N, M, r)
+    u = dB = None
+    if layout[0] == "padded":
+        padded, index = _padded_Bt(lora_B, lora_slices, N)
+        if need_u:
+            u = torch.mm(g, padded.t())
+        if need_dlb:
+            dB = torch.addmm(padded, h.t(), g, beta=0, alpha=scaling).take(index)
+    elif layout[0] == "batched":
+        _, T, n, step, off0 = layout
+        g3 = _columns(g, T, n, step, off0)
+        if need_u:
+            u = torch.bmm(g3, lora_B.reshape(T, n, r)).transpose(0, 1).reshape(M, T * r)
+        if need_dlb:
+            h3 = h.reshape(M, T, r).transpose(0, 1)
+            dB = torch.baddbmm(lora_B.reshape(T, n, r), g3.transpose(1, 2), h3, beta=0, alpha=scaling).view(-1, r)
+    else:
+        if need_u:
+            u = torch.cat([g[:, cols] @ lora_B[b_rows] for _, b_rows, cols in iter_slices(lora_slices, r)], dim=1)
+        if need_dlb:
+            dB = torch.cat(
+                [g[:, cols].t() @ h[:, a_rows] for a_rows, _, cols in iter_slices(lora_slices, r)], dim=0
+            ).mul_(scaling)
+    return u, dB
