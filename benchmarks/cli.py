@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-overhead", dest="host_overhead", action="store_true", default=None,
                    help="add the host-overhead table (µs per call at a tiny shape; default: on, except with --quick)")
     p.add_argument("--no-host-overhead", dest="host_overhead", action="store_false")
+    p.add_argument("--host-rounds", type=int, default=None,
+                   help=f"interleaved rounds of the host-overhead table (default {host_overhead.DEFAULT_ROUNDS})")
+    p.add_argument("--host-calls", type=int, default=None,
+                   help=f"calls per method and round in the host-overhead table (default {host_overhead.DEFAULT_CALLS})")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", default=None, help="output directory (default benchmarks/results/<device>-<date>/)")
@@ -140,9 +144,18 @@ def resolve(args: argparse.Namespace) -> Dict:
         "progress": not args.no_progress,
         "seed": args.seed,
         "host_overhead": (not args.quick) if args.host_overhead is None else args.host_overhead,
-        "host_rounds_calls": (host_overhead.QUICK_ROUNDS, host_overhead.QUICK_CALLS) if args.quick
-        else (host_overhead.DEFAULT_ROUNDS, host_overhead.DEFAULT_CALLS),
+        "host_rounds_calls": _host_rounds_calls(args),
     }
+
+
+def _host_rounds_calls(args: argparse.Namespace):
+    rounds, calls = ((host_overhead.QUICK_ROUNDS, host_overhead.QUICK_CALLS) if args.quick
+                     else (host_overhead.DEFAULT_ROUNDS, host_overhead.DEFAULT_CALLS))
+    rounds = args.host_rounds if args.host_rounds is not None else rounds
+    calls = args.host_calls if args.host_calls is not None else calls
+    if rounds < 1 or calls < 1:
+        raise SystemExit("--host-rounds and --host-calls must be >= 1")
+    return rounds, calls
 
 
 def run(cfg: Dict, on_case=None) -> List[Dict]:
@@ -208,6 +221,7 @@ def write_outputs(rows: List[Dict], cfg: Dict, command: str, plots: bool = True,
         "shapes": {s.name: s.mkn for s in cfg["shapes"]},
         "backends": cfg["backends"],
         "host_overhead": cfg.get("host_overhead", False),
+        "host_rounds_calls": list(cfg.get("host_rounds_calls", ())),
         "reps": cfg["reps"],
         "warmup": cfg["warmup"],
         "notes": cfg["notes"],

@@ -1,35 +1,41 @@
 #!/usr/bin/env bash
-# One command for a lent GPU (H100/H200): build, GPU tests, the suite at bf16, a short training run.
+# One command for a lent GPU (H100/H200): build, smoke-check each backend, the suite at bf16, the GPU tests, a
+# short training run, inside one time budget.
 #
-#   LORA_FUSED_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh     # on the GPU machine
-#   bash benchmarks/gpu_check.sh --dry-run                                          # here, on CPU, tiny shapes
+#   bash benchmarks/gpu_check.sh                  # on the GPU machine
+#   bash benchmarks/gpu_check.sh --dry-run        # here, on CPU, tiny shapes, no build
 #
-# Options: --dry-run (same as --device cpu: CPU, tiny shapes, no build), --no-build, --no-tests, --no-train.
-# Stage time limits (seconds, env): GC_BUILD_S=240 GC_TEST_S=90 GC_SUITE_S=210 GC_TRAIN_S=45 (worst case 9.8 min;
-# expected well under that on an H100). Each stage may fail or time out: the script logs it and goes on.
+# Options: --dry-run (same as --device cpu), --no-build, --no-tests, --no-train.
+# Time: GC_TOTAL_S=500 is the whole script's budget (seconds); each stage gets at most its own limit and what is
+# left of the budget, and a stage with under 20 s left is skipped and says so. Stage limits (env):
+# GC_BUILD_S=150 GC_SMOKE_S=120 (per backend) GC_SUITE_S=210 GC_TEST_S=150 GC_TRAIN_S=45.
 #
-# CUTLASS on the GPU machines (no package registry there): the build needs the nvidia-cutlass headers. Carry the
-# wheel (pure Python, ~6 MB) from here:
+# Packages the GPU machines may lack (no package registry there): put wheels in .whl/ (ignored by git) and name
+# ".whl" in the device call's `carry`:
 #     echo /.whl/ >> .git/info/exclude
-#     python3 -m pip download --no-deps --only-binary=:all: -d .whl nvidia-cutlass==4.2.0
-# and name ".whl" in the device call's `carry`. Stage 1 unzips .whl/nvidia_cutlass-*.whl into a temporary folder
-# and points LORA_FUSED_CUTLASS_DIR at it (nothing is installed); an installed nvidia-cutlass or a
-# LORA_FUSED_CUTLASS_DIR set by the caller (a CUTLASS checkout) is used as it is.
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_17_x86_64 -d .whl nvidia-cutlass==4.2.0.0 setuptools pytest pluggy iniconfig \
+#         pygments hypothesis sortedcontainers peft
+# Stage 0 installs (into a temporary --target folder on PYTHONPATH) only the carried wheels whose module does not
+# import already; the nvidia-cutlass wheel is unzipped instead and LORA_FUSED_CUTLASS_DIR points at it.
 #
 # Stages:
-#   1. build the CUDA extension: LORA_FUSED_FORCE_CUDA=1 LORA_FUSED_CUDA_ARCHS=90a pip install --no-build-isolation
-#      --no-deps -e .   (no package registry on the GPU machines, hence --no-deps; a failure is tolerated)
-#   2. python -m lora_fused.info  -> info.txt
-#   3. python -m pytest -m gpu -q  (skip-safe where no GPU)
-#   4. python -m benchmarks at bf16, the headline settings: M=16384 K=N=4096 (llm_16k), ViT-B qkv, SAM ViT-H qkv;
-#      r=16; p 0 and 0.1; fwd and fwd+bwd; every lora_fused backend that runs there (torch, triton, cuda).
-#      PEFT rows run when peft imports (the workplace's GPU image has peft); otherwise the suite leaves them out
-#      and says so in its notes — nothing is installed.
-#   5. benchmarks/train_vit.py --steps 30 (PEFT vs lora_fused on a ViT-Tiny, q/v adapters, peak memory).
-# Everything lands in benchmarks/results/<device-name>-<date>/ and, when $OUT is set (the device tool), is copied
-# to $OUT/ too. The last lines printed are the suite's markdown tables.
+#   1. build the CUDA extension in place, in the background: LORA_FUSED_FORCE_CUDA=1 LORA_FUSED_CUDA_ARCHS=90a
+#      setup.py build_ext --inplace (a failure is tolerated: the CUDA rows are then absent and the summary says why)
+#   2. benchmarks/gpu_smoke.py per backend (Triton during the build, CUDA after it), each in its own process under
+#      a limit: bf16 outputs and gradients vs float64; only backends that pass are timed and tested (a kernel that
+#      hangs costs GC_SMOKE_S, not the run); then python -m lora_fused.info -> info.txt
+#   3. python -m benchmarks at bf16, the headline settings: llm_16k (16384x4096->4096), ViT-B qkv, SAM ViT-H qkv;
+#      r=16; p 0 and 0.1; fwd and fwd+bwd; floor, plain, PEFT (when it imports) and each passing backend; the
+#      host-overhead table (5 rounds x 200 calls). Partial results are written after each shape.
+#   4. python -m pytest -m gpu (the CUDA backend's tests in a second process, only when its smoke check passed)
+#   5. benchmarks/train_vit.py --steps 30 (PEFT vs lora_fused on a ViT-Tiny, q/v adapters, peak memory)
+# Everything lands in benchmarks/results/<device-name>-<date>/; when $OUT is set (the device tool) the folder is
+# packed into $OUT/gpu_check.tar.gz, with results.md and gpu_check.log beside it. The last lines printed are the
+# stage summary and the suite's markdown tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 
 DRY=0; BUILD=1; TESTS=1; TRAIN=1
 while [ $# -gt 0 ]; do
@@ -40,46 +46,82 @@ while [ $# -gt 0 ]; do
     --no-build) BUILD=0 ;;
     --no-tests) TESTS=0 ;;
     --no-train) TRAIN=0 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
 done
 
 PY=${PYTHON:-python3}
-GC_BUILD_S=${GC_BUILD_S:-240}
-GC_TEST_S=${GC_TEST_S:-90}
+GC_TOTAL_S=${GC_TOTAL_S:-500}
+GC_BUILD_S=${GC_BUILD_S:-150}
+GC_SMOKE_S=${GC_SMOKE_S:-120}
 GC_SUITE_S=${GC_SUITE_S:-210}
+GC_TEST_S=${GC_TEST_S:-150}
 GC_TRAIN_S=${GC_TRAIN_S:-45}
+T0=$(date +%s)
+DEADLINE=$(( T0 + GC_TOTAL_S ))
+export PYTHONUNBUFFERED=1
 
 if [ "$DRY" = 1 ]; then
   BUILD=0
   DEVICE=cpu
   TAG="cpu-dryrun"
-  SUITE_ARGS=(--device cpu --dtype fp32 --shapes tiny --quick --rank 16 --dropout 0,0.1 --modes fwd,fwd+bwd)
+  SMOKE_BACKENDS=(torch)
+  SMOKE_ARGS=(--device cpu --tiny)
+  SUITE_ARGS=(--device cpu --dtype fp32 --shapes tiny --quick --rank 16 --dropout 0,0.1 --modes fwd,fwd+bwd
+              --host-overhead --host-rounds 2 --host-calls 20)
   TRAIN_ARGS=(--device cpu --steps 3 --batch 2 --image-size 32 --model mini)
 else
   DEVICE=cuda
   TAG=$($PY -c "import torch,re; print(re.sub(r'[^a-z0-9]+','-',torch.cuda.get_device_name(0).lower()).strip('-') if torch.cuda.is_available() else 'no-gpu')" 2>/dev/null || echo unknown-device)
-  SUITE_ARGS=(--device cuda --dtype bf16 --shapes headline --rank 16 --dropout 0,0.1 --modes fwd,fwd+bwd)
+  SMOKE_BACKENDS=(triton cuda)
+  SMOKE_ARGS=()
+  SUITE_ARGS=(--device cuda --dtype bf16 --shapes headline --rank 16 --dropout 0,0.1 --modes fwd,fwd+bwd
+              --host-overhead --host-rounds 5 --host-calls 200)
   TRAIN_ARGS=(--device cuda --steps 30 --batch 64 --image-size 224)
 fi
 STAMP=$(date -u +%Y-%m-%d-%H%M)
 RES="benchmarks/results/${TAG}-${STAMP}"
 mkdir -p "$RES"
 LOG="$RES/gpu_check.log"
-T0=$(date +%s)
 log() { echo "[gpu_check +$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 STATUS=()
+# limit_for STAGE_LIMIT: seconds this stage may run (its limit, or what is left of the budget less 10 s).
+limit_for() {
+  local left=$(( DEADLINE - $(date +%s) - 10 ))
+  [ "$1" -lt "$left" ] && echo "$1" || echo "$left"
+}
 
-log "device=$DEVICE tag=$TAG dry_run=$DRY python=$($PY -c 'import sys; print(sys.executable)') results=$RES"
-{ date -u; uname -a; } > "$RES/machine.txt" 2>&1
+log "device=$DEVICE tag=$TAG dry_run=$DRY python=$($PY -c 'import sys; print(sys.executable)') results=$RES budget=${GC_TOTAL_S}s"
+{ date -u; uname -a; nproc; } > "$RES/machine.txt" 2>&1
 command -v nvidia-smi >/dev/null && nvidia-smi > "$RES/nvidia-smi.txt" 2>&1
 if [ -z "${LORA_FUSED_COMMIT:-}" ]; then
   LORA_FUSED_COMMIT=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
   export LORA_FUSED_COMMIT
 fi
 log "commit $LORA_FUSED_COMMIT"
+
+# 0. carried wheels -----------------------------------------------------------------------------------------------
+SITE=""
+if [ "$DRY" = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then
+  NEED=()
+  for w in .whl/*.whl; do
+    dist=$(basename "$w" | cut -d- -f1 | tr 'A-Z' 'a-z')
+    case "$dist" in nvidia_cutlass) continue ;; esac
+    $PY -c "import $dist" 2>/dev/null || NEED+=("$w")
+  done
+  if [ ${#NEED[@]} -gt 0 ]; then
+    SITE=$(mktemp -d)
+    if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "${NEED[@]}" \
+         >> "$LOG" 2>&1; then
+      log "installed from .whl into $SITE: $(for w in "${NEED[@]}"; do basename "$w" | cut -d- -f1-2; done | tr '\n' ' ')"
+    else
+      log "pip could not install the carried wheels (see the log above)"
+    fi
+  fi
+fi
+export PYTHONPATH="$ROOT${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
 
 # 1. build --------------------------------------------------------------------------------------------------------
 if [ "$BUILD" = 1 ]; then
@@ -90,7 +132,7 @@ if [ "$BUILD" = 1 ]; then
       CUTLASS_TMP=$(mktemp -d)
       if $PY -m zipfile -e "$CUTLASS_WHEEL" "$CUTLASS_TMP"; then
         export LORA_FUSED_CUTLASS_DIR="$CUTLASS_TMP"
-        log "CUTLASS headers from the carried wheel $CUTLASS_WHEEL (LORA_FUSED_CUTLASS_DIR=$CUTLASS_TMP)"
+        log "CUTLASS headers from the carried wheel $CUTLASS_WHEEL"
       else
         log "could not unzip $CUTLASS_WHEEL"
       fi
@@ -98,60 +140,106 @@ if [ "$BUILD" = 1 ]; then
       log "no CUTLASS headers here: carry the nvidia-cutlass wheel in .whl/ (see the top of this script)"
     fi
   fi
-  log "building the CUDA extension (limit ${GC_BUILD_S}s)"
+  L=$(limit_for "$GC_BUILD_S")
+  log "building the CUDA extension in place, in the background (limit ${L}s)"
   TB=$(date +%s)
-  if timeout "$GC_BUILD_S" env LORA_FUSED_FORCE_CUDA=1 LORA_FUSED_CUDA_ARCHS=90a MAX_JOBS=${MAX_JOBS:-16} \
-       $PY -m pip install --no-build-isolation --no-deps -e . > "$RES/build.log" 2>&1; then
-    STATUS+=("build: ok (pip install -e .)")
-  elif [ $(( $(date +%s) - TB )) -lt 30 ] && ! grep -q "nvcc" "$RES/build.log"; then
-    # pip gave up before compiling anything (e.g. no PEP 660 editable support): build in place instead.
-    log "pip install failed before compiling; trying setup.py build_ext --inplace"
-    if timeout "$GC_BUILD_S" env LORA_FUSED_FORCE_CUDA=1 LORA_FUSED_CUDA_ARCHS=90a MAX_JOBS=${MAX_JOBS:-16} \
-         $PY setup.py build_ext --inplace >> "$RES/build.log" 2>&1; then
-      STATUS+=("build: ok (setup.py build_ext --inplace)")
-    else
-      rc=$?
-      log "build failed (rc=$rc); continuing without it"
-      tail -n 15 "$RES/build.log" | tee -a "$LOG"
-      STATUS+=("build: FAILED rc=$rc (see build.log)")
-    fi
+  timeout "$L" env LORA_FUSED_FORCE_CUDA=1 LORA_FUSED_CUDA_ARCHS=90a MAX_JOBS=${MAX_JOBS:-16} \
+    $PY setup.py build_ext --inplace > "$RES/build.log" 2>&1 &
+  BUILD_PID=$!
+fi
+
+# 2a. smoke checks: Triton's while the extension builds -----------------------------------------------------------
+BACKENDS=(torch)
+CUDA_OK=0
+smoke() {  # smoke BACKEND: gpu_smoke.py in its own process under a limit; a pass adds BACKEND to the timed ones
+  local b=$1 L rc
+  L=$(limit_for "$GC_SMOKE_S")
+  if [ "$L" -lt 20 ]; then STATUS+=("smoke $b: skipped (time)"); return; fi
+  log "smoke check: $b (limit ${L}s)"
+  timeout "$L" $PY benchmarks/gpu_smoke.py --backend "$b" "${SMOKE_ARGS[@]}" > "$RES/smoke_$b.log" 2>&1
+  rc=$?
+  tee -a "$LOG" < "$RES/smoke_$b.log" | grep -E "FAIL|PASS|unavailable" || true
+  if [ $rc -eq 0 ]; then
+    [ "$b" != torch ] && BACKENDS+=("$b")
+    [ "$b" = cuda ] && CUDA_OK=1
+    STATUS+=("smoke $b: pass")
   else
-    rc=$?
+    STATUS+=("smoke $b: rc=$rc ($(tail -n 1 "$RES/smoke_$b.log"))")
+  fi
+}
+for b in "${SMOKE_BACKENDS[@]}"; do
+  [ "$b" != cuda ] && smoke "$b"
+done
+
+if [ "$BUILD" = 1 ]; then
+  wait "$BUILD_PID"
+  rc=$?
+  if [ $rc -eq 0 ]; then
+    STATUS+=("build: ok in $(( $(date +%s) - TB ))s")
+    log "build ok"
+  else
     log "build failed or timed out (rc=$rc); continuing without it (tail of build.log follows)"
     tail -n 15 "$RES/build.log" | tee -a "$LOG"
-    STATUS+=("build: FAILED rc=$rc (see build.log)")
+    STATUS+=("build: FAILED rc=$rc after $(( $(date +%s) - TB ))s (see build.log)")
   fi
 else
   STATUS+=("build: skipped")
 fi
 
-# 2. info ---------------------------------------------------------------------------------------------------------
-$PY -m lora_fused.info > "$RES/info.txt" 2>&1 || log "lora_fused.info failed"
-cat "$RES/info.txt" | tee -a "$LOG"
+# 2b. info, then the CUDA extension's smoke check ----------------------------------------------------------------
+timeout 60 $PY -m lora_fused.info > "$RES/info.txt" 2>&1 || log "lora_fused.info failed"
+tee -a "$LOG" < "$RES/info.txt"
 
-# 3. GPU tests ----------------------------------------------------------------------------------------------------
-if [ "$TESTS" = 1 ]; then
-  log "pytest -m gpu (limit ${GC_TEST_S}s)"
-  timeout "$GC_TEST_S" $PY -m pytest -m gpu -q -p no:cacheprovider > "$RES/pytest_gpu.log" 2>&1
+for b in "${SMOKE_BACKENDS[@]}"; do
+  [ "$b" = cuda ] && smoke "$b"
+done
+BACKEND_LIST=$(IFS=,; echo "${BACKENDS[*]}")
+
+# 3. the suite ----------------------------------------------------------------------------------------------------
+L=$(limit_for "$GC_SUITE_S")
+if [ "$L" -ge 20 ]; then
+  log "benchmark suite: ${SUITE_ARGS[*]} --backends $BACKEND_LIST (limit ${L}s)"
+  timeout "$L" $PY -m benchmarks "${SUITE_ARGS[@]}" --backends "$BACKEND_LIST" --out "$RES/suite" --no-progress \
+    > "$RES/suite.log" 2>&1
   rc=$?
-  tail -n 5 "$RES/pytest_gpu.log" | tee -a "$LOG"
-  # rc 5: no tests collected (fine); 124: timed out.
-  STATUS+=("pytest -m gpu: rc=$rc ($(tail -n 1 "$RES/pytest_gpu.log"))")
+  STATUS+=("suite: rc=$rc ($(grep -c '^\[benchmarks\]' "$RES/suite.log") stages done)")
+  [ $rc -ne 0 ] && { log "suite failed (rc=$rc); tail:"; tail -n 25 "$RES/suite.log" | tee -a "$LOG"; }
 else
-  STATUS+=("pytest -m gpu: skipped")
+  STATUS+=("suite: skipped (time)")
 fi
 
-# 4. the suite ----------------------------------------------------------------------------------------------------
-log "benchmark suite: ${SUITE_ARGS[*]} (limit ${GC_SUITE_S}s)"
-timeout "$GC_SUITE_S" $PY -m benchmarks "${SUITE_ARGS[@]}" --out "$RES/suite" --no-progress > "$RES/suite.log" 2>&1
-rc=$?
-STATUS+=("suite: rc=$rc")
-[ $rc -ne 0 ] && { log "suite failed (rc=$rc); tail:"; tail -n 25 "$RES/suite.log" | tee -a "$LOG"; }
+# 4. GPU tests ----------------------------------------------------------------------------------------------------
+run_pytest() {  # run_pytest NAME ARGS...: one pytest process under what is left of the test budget
+  local name=$1; shift
+  local L; L=$(limit_for "$TEST_LEFT")
+  if [ "$L" -lt 20 ]; then STATUS+=("pytest $name: skipped (time)"); return; fi
+  local t=$(date +%s)
+  timeout "$L" $PY -m pytest -p no:cacheprovider -rfE -v "$@" > "$RES/pytest_$name.log" 2>&1
+  local rc=$?
+  TEST_LEFT=$(( TEST_LEFT - ($(date +%s) - t) ))
+  grep -E "^(FAILED|ERROR)" "$RES/pytest_$name.log" | head -n 20 | tee -a "$LOG"
+  STATUS+=("pytest $name: rc=$rc ($(tail -n 1 "$RES/pytest_$name.log"))")
+}
+if [ "$TESTS" = 1 ]; then
+  TEST_LEFT=$GC_TEST_S
+  log "pytest -m gpu (limit ${GC_TEST_S}s in all)"
+  if [ "$CUDA_OK" = 1 ]; then
+    run_pytest gpu -m gpu --ignore=tests/test_cuda_backend.py
+    run_pytest cuda_backend -m gpu tests/test_cuda_backend.py
+  else
+    # The CUDA extension failed its smoke check (or is absent): keep its cases out of the shared files too.
+    run_pytest gpu -m gpu --ignore=tests/test_cuda_backend.py -k "not cuda-cuda and not -cuda]"
+    STATUS+=("pytest cuda_backend: skipped (no passing CUDA extension)")
+  fi
+else
+  STATUS+=("pytest: skipped")
+fi
 
 # 5. training example ---------------------------------------------------------------------------------------------
-if [ "$TRAIN" = 1 ]; then
-  log "train_vit: ${TRAIN_ARGS[*]} (limit ${GC_TRAIN_S}s)"
-  timeout "$GC_TRAIN_S" $PY benchmarks/train_vit.py "${TRAIN_ARGS[@]}" --out "$RES/train" > "$RES/train.log" 2>&1
+L=$(limit_for "$GC_TRAIN_S")
+if [ "$TRAIN" = 1 ] && [ "$L" -ge 30 ]; then
+  log "train_vit: ${TRAIN_ARGS[*]} (limit ${L}s)"
+  timeout "$L" $PY benchmarks/train_vit.py "${TRAIN_ARGS[@]}" --out "$RES/train" > "$RES/train.log" 2>&1
   rc=$?
   STATUS+=("train_vit: rc=$rc")
   tail -n 8 "$RES/train.log" | tee -a "$LOG"
@@ -160,11 +248,12 @@ else
 fi
 
 # summary ---------------------------------------------------------------------------------------------------------
-if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
-  cp -r "$RES" "$OUT/" && log "copied to $OUT/$(basename "$RES")"
-fi
 log "done in $(( $(date +%s) - T0 ))s; results in $RES"
 printf '  %s\n' "${STATUS[@]}" | tee -a "$LOG"
+if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
+  tar czf "$OUT/gpu_check.tar.gz" -C "$(dirname "$RES")" "$(basename "$RES")" && cp "$LOG" "$OUT/"
+  [ -f "$RES/suite/results.md" ] && cp "$RES/suite/results.md" "$OUT/"
+fi
 if [ -f "$RES/suite/results.md" ]; then
   echo
   grep -v '^$' "$RES/suite/results.md"

@@ -13,6 +13,8 @@ from lora_fused import LoRALinear, LoRAQKV
 
 from conftest import requires_cuda
 
+pytestmark = pytest.mark.gpu
+
 op_module = importlib.import_module("lora_fused.ops.lora_linear")
 
 

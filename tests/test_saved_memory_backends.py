@@ -50,14 +50,15 @@ def _cases():
                 probes = [(t(M, K), t(N_LINEAR, K), t(R, K), t(N_LINEAR, R)),
                           (t(M, K), t(N_QKV, K), t(2 * R, K), t(2 * N_QKV // 3, R))]
                 if all(get_backend_impl(name).reject_reason(*probe) is None for probe in probes):
-                    out.append(pytest.param(name, device, dtype, id=f"{name}-{device}-{label}"))
+                    marks = [pytest.mark.gpu] if device == "cuda" else []
+                    out.append(pytest.param(name, device, dtype, id=f"{name}-{device}-{label}", marks=marks))
     return out
 
 
 CASES = _cases()
 # the registered op's route (what torch.compile, export and dispatch modes see) as well as the eager route, in fp32
-ROUTED = [pytest.param(*c.values, "eager", id=c.id + "-eager") for c in CASES] + [
-    pytest.param(*c.values, "op", id=c.id + "-op") for c in CASES if c.values[2] == torch.float32]
+ROUTED = [pytest.param(*c.values, "eager", id=c.id + "-eager", marks=c.marks) for c in CASES] + [
+    pytest.param(*c.values, "op", id=c.id + "-op", marks=c.marks) for c in CASES if c.values[2] == torch.float32]
 
 
 class _Dispatch(torch.utils._python_dispatch.TorchDispatchMode):
