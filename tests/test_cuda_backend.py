@@ -360,8 +360,9 @@ def test_training_with_dropout_through_the_module_is_reproducible():
 
 def test_auto_picks_cuda_for_half_and_rejects_float32(monkeypatch):
     be = _backend()
-    # "auto" picks CUDA only after opting in (LORA_FUSED_CUDA_AUTO=1) until the kernels are validated on a GPU
+    # "auto" picks CUDA on validated GPU generations (sm_90) or with LORA_FUSED_CUDA_AUTO=1: force it here
     monkeypatch.setattr(type(be), "auto_device_types", (DEVICE,))
+    monkeypatch.setattr(type(be), "auto_skip_reason", lambda self, device: None)
     x, W, _, A, B = _tensors(8, 32, 16, 4, torch.float32)
     reason = be.reject_reason(x, W, A, B)
     assert reason is not None and "float16 and bfloat16" in reason

@@ -176,8 +176,21 @@ def test_import_is_light():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_auto_does_not_pick_the_unvalidated_cuda_backend_by_default():
-    from lora_fused.backends import get_backend_impl
+def test_auto_picks_the_cuda_backend_only_where_validated(monkeypatch):
+    """By default "auto" may pick the CUDA kernels on sm_90 only; LORA_FUSED_CUDA_AUTO=1 adds every GPU, =0 none."""
+    from lora_fused.backends import cuda_backend, get_backend_impl
 
-    expected = ("cuda",) if os.environ.get("LORA_FUSED_CUDA_AUTO") == "1" else ()
-    assert get_backend_impl("cuda").auto_device_types == expected
+    env = os.environ.get("LORA_FUSED_CUDA_AUTO", "").strip()
+    assert get_backend_impl("cuda").auto_device_types == (() if env == "0" else ("cuda",))
+    be = cuda_backend.CudaBackend()
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(cuda_backend, "_AUTO_ENV", "")
+    for cap, skipped in (((9, 0), False), ((8, 0), True), ((8, 9), True), ((10, 0), True)):
+        monkeypatch.setattr(cuda_backend, "_capability", lambda index, c=cap: c)
+        reason = be.auto_skip_reason(dev)
+        assert (reason is not None) == skipped, (cap, reason)
+        if skipped:
+            assert f"{cap[0]}.{cap[1]}" in reason and "LORA_FUSED_CUDA_AUTO=1" in reason
+    monkeypatch.setattr(cuda_backend, "_AUTO_ENV", "1")
+    assert be.auto_skip_reason(dev) is None
+    assert be.auto_skip_reason(torch.device("cpu")) is None

@@ -10,7 +10,9 @@ A backend is an object with:
 * ``backward(grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, lora_slices, needs)
   -> (dx, dW, db, dA, dB)`` with ``None`` where ``needs`` is False;
 * ``auto_device_types``: device types on which ``"auto"`` may pick it (None: any). The Triton backend runs
-  CPU tensors under ``TRITON_INTERPRET=1`` when named, but ``"auto"`` picks it on CUDA only.
+  CPU tensors under ``TRITON_INTERPRET=1`` when named, but ``"auto"`` picks it on CUDA only;
+* optionally ``auto_skip_reason(device) -> str | None``: why ``"auto"`` passes it over on that device although it
+  could run there (the CUDA backend on GPU generations it has not been validated on).
 
 Tensors are 2-D (``x`` is (M, K)); ``seed`` is an int64 tensor of one element on ``x``'s device, or None
 when ``dropout_p == 0``. ``lora_slices`` is described in :mod:`lora_fused.kernels.reference.lora_linear`.
@@ -127,6 +129,9 @@ def select_backend(requested: str, x: torch.Tensor, weight: torch.Tensor, lora_A
                 impl = get_backend_impl(name)
                 devices = getattr(impl, "auto_device_types", None)
                 if devices is not None and x.device.type not in devices:
+                    continue
+                skip = getattr(impl, "auto_skip_reason", None)
+                if skip is not None and skip(x.device) is not None:
                     continue
                 if impl.reject_reason(x, weight, lora_A, lora_B) is None:
                     return impl

@@ -39,6 +39,15 @@ MAX_RANK = 128
 MAX_TARGETS = 3
 ROW_ALIGN_ELEMS = 8  # 16 bytes of fp16/bf16
 _DTYPES = (torch.float16, torch.bfloat16)
+_AUTO_ENV = os.environ.get("LORA_FUSED_CUDA_AUTO", "").strip()
+# Compute-capability majors on which "auto" picks this backend by default: sm_90 (H100/H200), where every GPU
+# test passed and it matched or beat Triton in every suite row but the large eval forward. sm_80 has not run yet.
+AUTO_MAJORS = (9,)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int):
+    return torch.cuda.get_device_capability(index)
 
 
 def _built_archs():
@@ -97,9 +106,20 @@ def _rows_operand(t: torch.Tensor, name: str) -> torch.Tensor:
 
 class CudaBackend:
     name = "cuda"
-    # "auto" picks this backend only with LORA_FUSED_CUDA_AUTO=1 until its GPU tests have passed on hardware and
-    # it beats the Triton backend at the headline shape; naming it ("cuda") always works.
-    auto_device_types = ("cuda",) if os.environ.get("LORA_FUSED_CUDA_AUTO", "0") == "1" else ()
+    # "auto" picks this backend on the GPU generations where its tests passed on hardware and it beat the Triton
+    # backend (AUTO_MAJORS; measured in benchmarks/results/h100-2026-11-26), on every GPU it has code for with
+    # LORA_FUSED_CUDA_AUTO=1, and never with LORA_FUSED_CUDA_AUTO=0. Naming it ("cuda") always works.
+    auto_device_types = () if _AUTO_ENV == "0" else ("cuda",)
+
+    def auto_skip_reason(self, device: torch.device) -> Optional[str]:
+        """Why ``"auto"`` passes this backend over on ``device`` although it could run there (None: it does not)."""
+        if _AUTO_ENV == "1" or device.type != "cuda":
+            return None
+        major, minor = _capability(device.index if device.index is not None else torch.cuda.current_device())
+        if major in AUTO_MAJORS:
+            return None
+        return (f"auto uses the CUDA kernels on compute capability {', '.join(f'{m}.x' for m in AUTO_MAJORS)} "
+                f"(validated on hardware), not {major}.{minor}; LORA_FUSED_CUDA_AUTO=1 includes it")
 
     def unavailable_reason(self) -> Optional[str]:
         if not _cuda_ext.CUDA_EXT_AVAILABLE:

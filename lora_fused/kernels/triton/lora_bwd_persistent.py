@@ -28,9 +28,11 @@ def _configs(rows):
 # prologue/epilogue). Only configs that compile without register spills on sm_90 under Triton 3.6 and 3.8 are
 # listed (the AOT test enforces it). 128×256 spills in both (600–900 B with the epilogue in 2 or 4 subtiles: the
 # 128-register accumulator of 8 warps without warp specialization leaves too few for the fused dh'/dB/dA/mask
-# work); 128×128 in 4 subtiles spills under 3.6, 64×256 in deterministic mode under 3.8.
+# work); 128×128 in 4 subtiles spills under 3.6, 64×256 in deterministic mode under 3.8. 64×64 with a 32-deep
+# reduction and 4 warps is left out: forced alone, it failed the ragged bf16 gradient test on an H100 under
+# Triton 3.6 (the same config is exact under the interpreter), while the two below passed.
 DX_TMA_CONFIGS_SM90 = _configs([
-    (128, 128, 64, 8, 4, 2), (64, 128, 64, 8, 4, 1), (64, 64, 32, 4, 3, 1),
+    (128, 128, 64, 8, 4, 2), (64, 128, 64, 8, 4, 1),
 ])
 # Under the interpreter: the epilogue in 2 subtiles, so the tests run the split/join paths.
 DX_TMA_CONFIGS_INTERPRET = _configs([(16, 32, 16, 4, 1, 2)])
