@@ -28,7 +28,8 @@
 #   3. python -m benchmarks at bf16, the headline settings: llm_16k (16384x4096->4096), ViT-B qkv, SAM ViT-H qkv;
 #      r=16; p 0 and 0.1; fwd and fwd+bwd; floor, plain, PEFT (when it imports) and each passing backend; the
 #      host-overhead table (5 rounds x 200 calls). Partial results are written after each shape.
-#   4. python -m pytest -m gpu (the CUDA backend's tests in a second process, only when its smoke check passed)
+#   4. python -m pytest -m gpu, one process per test file under the time left (the CUDA backend's tests only when
+#      its smoke check passed); each failure's traceback is printed as it happens
 #   5. benchmarks/train_vit.py --steps 30 (PEFT vs lora_fused on a ViT-Tiny, q/v adapters, peak memory)
 # Everything lands in benchmarks/results/<device-name>-<date>/; when $OUT is set (the device tool) the folder is
 # packed into $OUT/gpu_check.tar.gz, with results.md and gpu_check.log beside it. The last lines printed are the
@@ -209,28 +210,32 @@ else
 fi
 
 # 4. GPU tests ----------------------------------------------------------------------------------------------------
-run_pytest() {  # run_pytest NAME ARGS...: one pytest process under what is left of the test budget
-  local name=$1; shift
-  local L; L=$(limit_for "$TEST_LEFT")
-  if [ "$L" -lt 20 ]; then STATUS+=("pytest $name: skipped (time)"); return; fi
-  local t=$(date +%s)
-  timeout "$L" $PY -m pytest -p no:cacheprovider -rfE -v "$@" > "$RES/pytest_$name.log" 2>&1
+# One pytest process per file (each under its share of what is left), quickest and most telling first, each
+# failure's traceback printed as it happens (LORA_FUSED_PRINT_FAILURES): a cut run still says what failed and why.
+run_pytest() {  # run_pytest NAME LIMIT ARGS...
+  local name=$1 cap=$2; shift 2
+  local L; L=$(limit_for "$cap")
+  if [ "$L" -lt 15 ]; then STATUS+=("pytest $name: skipped (time)"); return; fi
+  timeout "$L" env LORA_FUSED_PRINT_FAILURES=1 $PY -m pytest -p no:cacheprovider -q -rfE --tb=short "$@" \
+    > "$RES/pytest_$name.log" 2>&1
   local rc=$?
-  TEST_LEFT=$(( TEST_LEFT - ($(date +%s) - t) ))
-  grep -E "^(FAILED|ERROR)" "$RES/pytest_$name.log" | head -n 20 | tee -a "$LOG"
-  STATUS+=("pytest $name: rc=$rc ($(tail -n 1 "$RES/pytest_$name.log"))")
+  grep -E "^=== FAILED" "$RES/pytest_$name.log" | head -n 20 | tee -a "$LOG"
+  STATUS+=("pytest $name: rc=$rc$([ $rc -eq 124 ] && echo ' (time limit)') ($(tail -n 1 "$RES/pytest_$name.log"))")
 }
 if [ "$TESTS" = 1 ]; then
-  TEST_LEFT=$GC_TEST_S
-  log "pytest -m gpu (limit ${GC_TEST_S}s in all)"
-  if [ "$CUDA_OK" = 1 ]; then
-    run_pytest gpu -m gpu --ignore=tests/test_cuda_backend.py
-    run_pytest cuda_backend -m gpu tests/test_cuda_backend.py
-  else
-    # The CUDA extension failed its smoke check (or is absent): keep its cases out of the shared files too.
-    run_pytest gpu -m gpu --ignore=tests/test_cuda_backend.py -k "not cuda-cuda and not -cuda]"
-    STATUS+=("pytest cuda_backend: skipped (no passing CUDA extension)")
-  fi
+  TEST_END=$(( $(date +%s) + GC_TEST_S ))
+  log "pytest -m gpu, file by file (limit ${GC_TEST_S}s in all)"
+  NOCUDA=()
+  [ "$CUDA_OK" = 1 ] || NOCUDA=(-k "not cuda-cuda and not -cuda]")  # the extension failed its smoke check
+  for f in tests/test_cuda_graphs.py tests/test_model_peft.py tests/test_modules.py tests/test_hardening.py \
+           tests/test_triton_gpu.py tests/test_cuda_backend.py tests/test_saved_memory_backends.py; do
+    name=$(basename "$f" .py); name=${name#test_}
+    if [ "$name" = cuda_backend ] && [ "$CUDA_OK" != 1 ]; then
+      STATUS+=("pytest cuda_backend: skipped (no passing CUDA extension)"); continue
+    fi
+    left=$(( TEST_END - $(date +%s) ))
+    run_pytest "$name" "$left" -m gpu "$f" "${NOCUDA[@]}"
+  done
 else
   STATUS+=("pytest: skipped")
 fi

@@ -131,3 +131,13 @@ def assert_compiled_train_matches_eager(m, x, seed=5, backend="auto"):
             x.grad = m.lora_A.grad = m.lora_B.grad = None
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b)
+
+
+def pytest_runtest_logreport(report):
+    """With LORA_FUSED_PRINT_FAILURES=1 a failure's traceback is printed the moment the test fails: a run cut
+    short by a time limit (a lent GPU's time-boxed check) still shows why each failed test failed."""
+    if report.failed and os.environ.get("LORA_FUSED_PRINT_FAILURES", "0") == "1":
+        import sys
+
+        sys.stderr.write(f"\n=== FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+        sys.stderr.flush()

@@ -284,8 +284,11 @@ def test_importing_lora_fused_does_not_import_peft():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_from_peft_and_inject_on_cuda_match_peft(dtype):
-    """On the GPU (the fastest available backend): from_peft and inject_lora against PEFT, outputs and grads."""
-    tol = {torch.float32: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}[dtype]
+    """On the GPU (the fastest available backend): from_peft and inject_lora against PEFT, outputs and grads.
+
+    float32: element by element. bfloat16: norm-wise, ‖a − ref‖ / ‖ref‖ ≤ 3e-2 — twelve blocks of bf16 rounding
+    in two different operation orders (PEFT's separate GEMMs, our fused kernels) drift element by element far
+    beyond a GEMM's own 1e-3–1e-2, while a wrong term (a missing scale, a dropped target) moves the norm by more."""
     base = timm_vit().to("cuda", dtype)
     ours = copy.deepcopy(base)
     torch.manual_seed(9)
@@ -295,16 +298,25 @@ def test_from_peft_and_inject_on_cuda_match_peft(dtype):
     lf.from_peft(fused)
     lf.inject_lora(ours, ["qkv", "fc1"], r=4, lora_alpha=8)
     copy_peft_into_ours(pm, ours)
+
+    def close(a, ref, what):
+        a, ref = a.float(), ref.float()
+        if dtype == torch.float32:
+            atol = 2e-3 * max(1.0, float(ref.abs().max()))
+            torch.testing.assert_close(a, ref, rtol=2e-3, atol=atol, msg=lambda m: f"{what}: {m}")
+        else:
+            rel = ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+            assert rel <= 3e-2, f"{what}: norm-wise relative error {rel:.2e}"
+
     img = IMG.to("cuda", dtype)
     y_ref, y_fused, y_ours = pm(img), fused(img), ours(img)
-    torch.testing.assert_close(y_fused.float(), y_ref.float(), **tol)
-    torch.testing.assert_close(y_ours.float(), y_ref.float(), **tol)
+    close(y_fused, y_ref, "from_peft output")
+    close(y_ours, y_ref, "inject_lora output")
     for y in (y_ref, y_fused, y_ours):
         y.float().square().sum().backward()
     ref_layers, fused_layers = peft_layers(pm), peft_layers(fused)
     for name, layer in ref_layers.items():
         for ab in ("lora_A", "lora_B"):
-            g_ref = getattr(layer, ab)["default"].weight.grad.float()
-            scale = dict(rtol=tol["rtol"], atol=tol["atol"] * max(1.0, float(g_ref.abs().max())))
-            torch.testing.assert_close(getattr(fused_layers[name], ab)["default"].weight.grad.float(), g_ref, **scale)
-            torch.testing.assert_close(getattr(ours.get_submodule(name), ab).grad.float(), g_ref, **scale)
+            g_ref = getattr(layer, ab)["default"].weight.grad
+            close(getattr(fused_layers[name], ab)["default"].weight.grad, g_ref, f"from_peft {name}.{ab} grad")
+            close(getattr(ours.get_submodule(name), ab).grad, g_ref, f"inject_lora {name}.{ab} grad")
