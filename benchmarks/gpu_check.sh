@@ -28,6 +28,7 @@
 #   3. python -m benchmarks at bf16, the headline settings: llm_16k (16384x4096->4096), ViT-B qkv, SAM ViT-H qkv;
 #      r=16; p 0 and 0.1; fwd and fwd+bwd; floor, plain, PEFT (when it imports) and each passing backend; the
 #      host-overhead table (5 rounds x 200 calls). Partial results are written after each shape.
+#      then benchmarks/host_profile.py: cProfile of a tiny training step per backend (where host time goes)
 #   4. python -m pytest -m gpu, one process per test file under the time left (the CUDA backend's tests only when
 #      its smoke check passed); each failure's traceback is printed as it happens
 #   5. benchmarks/train_vit.py --steps 30 (PEFT vs lora_fused on a ViT-Tiny, q/v adapters, peak memory)
@@ -207,6 +208,14 @@ if [ "$L" -ge 20 ]; then
   [ $rc -ne 0 ] && { log "suite failed (rc=$rc); tail:"; tail -n 25 "$RES/suite.log" | tee -a "$LOG"; }
 else
   STATUS+=("suite: skipped (time)")
+fi
+
+# 3b. where a tiny step's host time goes, per backend (cProfile) ----------------------------------------------------
+L=$(limit_for 60)
+if [ "$L" -ge 20 ]; then
+  timeout "$L" $PY -m benchmarks.host_profile --device "$DEVICE" --backends "$BACKEND_LIST" --steps 300 \
+    --out "$RES/host_profile" > "$RES/host_profile.log" 2>&1
+  STATUS+=("host_profile: rc=$? ($(grep -h '^## backend' "$RES"/host_profile/*.txt 2>/dev/null | sed 's/^## backend //; s/ of profiled host time per step.*//' | tr '\n' ';'))")
 fi
 
 # 4. GPU tests ----------------------------------------------------------------------------------------------------
