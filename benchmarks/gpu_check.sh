@@ -28,7 +28,8 @@
 #   3. python -m benchmarks at bf16, the headline settings: llm_16k (16384x4096->4096), ViT-B qkv, SAM ViT-H qkv;
 #      r=16; p 0 and 0.1; fwd and fwd+bwd; floor, plain, PEFT (when it imports) and each passing backend; the
 #      host-overhead table (5 rounds x 200 calls). Partial results are written after each shape.
-#      then benchmarks/host_profile.py: cProfile of a tiny training step per backend (where host time goes)
+#      then benchmarks/host_profile.py: cProfile of a tiny training step per backend (where host time goes) and
+#      benchmarks/kernel_times.py: the GPU kernels of a headline training step per method (where GPU time goes)
 #   4. python -m pytest -m gpu, one process per test file under the time left (the CUDA backend's tests only when
 #      its smoke check passed); each failure's traceback is printed as it happens
 #   5. benchmarks/train_vit.py --steps 30 (PEFT vs lora_fused on a ViT-Tiny, q/v adapters, peak memory)
@@ -216,6 +217,17 @@ if [ "$L" -ge 20 ]; then
   timeout "$L" $PY -m benchmarks.host_profile --device "$DEVICE" --backends "$BACKEND_LIST" --steps 300 \
     --out "$RES/host_profile" > "$RES/host_profile.log" 2>&1
   STATUS+=("host_profile: rc=$? ($(grep -h '^## backend' "$RES"/host_profile/*.txt 2>/dev/null | sed 's/^## backend //; s/ of profiled host time per step.*//' | tr '\n' ';'))")
+fi
+
+# 3c. which kernels hold a headline step's time, per method (torch.profiler) ---------------------------------------
+L=$(limit_for 90)
+KT_BACKENDS=$(IFS=,; echo "${BACKENDS[*]:1}")
+if [ "$L" -ge 20 ] && { [ -n "$KT_BACKENDS" ] || [ "$DRY" = 1 ]; }; then
+  KT_ARGS=(--shape 16384x4096x4096 --backends "$KT_BACKENDS")
+  [ "$DRY" = 1 ] && KT_ARGS=(--device cpu --shape 64x32x48 --backends torch)
+  timeout "$L" $PY -m benchmarks.kernel_times "${KT_ARGS[@]}" --p 0.1 --out "$RES/kernel_times" \
+    > "$RES/kernel_times.log" 2>&1
+  STATUS+=("kernel_times: rc=$? ($(grep -h '^## ' "$RES"/kernel_times/kernel_times.md 2>/dev/null | sed 's/^## //; s/ of kernel time per step//' | tr '\n' ';'))")
 fi
 
 # 4. GPU tests ----------------------------------------------------------------------------------------------------
