@@ -102,11 +102,41 @@ def test_config_pruning_by_shared_memory():
     for configs, est in lists:
         last = configs[-1]
         assert est({**meta, **last.kwargs, "num_stages": last.num_stages}, 4) <= SM86, est
-    # the persistent TMA kernels run on sm_90+ only (T·r ≤ 128): their last config fits an H100 at fp32, r = 128
-    for configs, est in ((lora_fwd_persistent.FWD_TMA_CONFIGS_SM90, lora_fwd_persistent.fwd_tma_smem),
-                         (lora_bwd_persistent.DX_TMA_CONFIGS_SM90, lora_bwd_persistent.bwd_tma_smem)):
-        last = configs[-1]
-        assert est({**meta, **last.kwargs, "num_stages": last.num_stages}, 4) <= H100, est
+    # the persistent TMA kernels run on sm_90+ only (T·r ≤ 128): the forward's last config fits an H100 at fp32,
+    # r = 128; the backward's dx tiles fit fp16/bf16 up to T·r = 64, and where none fits (fp32, wider T·r) the
+    # backward takes the pointer kernels (bwd_fits says so)
+    last = lora_fwd_persistent.FWD_TMA_CONFIGS_SM90[-1]
+    assert lora_fwd_persistent.fwd_tma_smem({**meta, **last.kwargs, "num_stages": last.num_stages}, 4) <= H100
+    fits = lora_bwd_persistent._fits
+    assert fits(2, 16, H100) and fits(2, 64, H100) and not fits(2, 128, H100) and not fits(4, 128, H100)
+    assert all(fits(e, br, H100) == any(
+        lora_bwd_persistent.bwd_tma_smem({"BLOCK_R": br, **c.kwargs, "num_stages": c.num_stages}, e) <= H100
+        for c in lora_bwd_persistent.DX_TMA_CONFIGS_SM90) for e in (2, 4) for br in (16, 32, 64, 128))
+
+
+def test_backward_takes_the_pointer_kernels_when_no_dx_tile_fits(monkeypatch):
+    """With no persistent dx config fitting (as for fp32 on an H100), the backward runs the pointer kernels and
+    gives the same gradients."""
+    import torch
+
+    from lora_fused.kernels.triton import lora_linear as tl_driver
+
+    gen = torch.Generator().manual_seed(3)
+    M, K, N, r = 40, 48, 32, 4
+    x, W, A, B = (torch.randn(*s, generator=gen) for s in ((M, K), (N, K), (r, K), (N, r)))
+    g = torch.randn(M, N, generator=gen)
+    h = x @ A.t()
+    args = (g, x, W, A, B, h, 0.5, 0.0, None, [0, N], [True, False, False, True, True])
+    want = tl_driver.triton_lora_backward(*args)
+    calls = []
+    monkeypatch.setattr(tl_driver, "bwd_fits", lambda *a: calls.append(a) or False)
+    monkeypatch.setattr(tl_driver, "lora_bwd_persistent", lambda *a, **k: pytest.fail("persistent kernel used"))
+    got = tl_driver.triton_lora_backward(*args)
+    assert calls
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_autotuner_prune_hook_uses_the_estimate(monkeypatch):

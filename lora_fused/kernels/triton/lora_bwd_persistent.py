@@ -4,14 +4,16 @@ g also produce ``dh' = s/(1-p)·g B_exp`` and ``dB = s·gᵀh``, and every dx ti
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (OLD_TRITON_SMEM, dot_precision, dropout_args, keep_bits, layout_barrier, lora_b_tile, unpack_keep, unpack_keep_mma, next_pow2, producer_first_tile,
-                      scratch_allocator, sm_count, tuned)
+from ._common import (OLD_TRITON_SMEM, _arch_key, device_smem_limit, dot_precision, dropout_args, keep_bits,
+                      layout_barrier, lora_b_tile, next_pow2, producer_first_tile, scratch_allocator, sm_count, tuned,
+                      unpack_keep, unpack_keep_mma)
 from .lora_linear_fwd import slice_args
 
 
@@ -247,6 +249,21 @@ _KERNEL = tuned(
     reset_to_zero=["flag_ptr", "db_ptr", "da_ptr"],
     smem=bwd_tma_smem,
 )
+
+
+def bwd_fits(elem: int, tr: int, device: torch.device) -> bool:
+    """Whether some sm_90 dx config fits the device's shared memory for operands of ``elem`` bytes and T·r = ``tr``
+    (when none does, e.g. fp32 with T·r = 128, the caller takes the pointer kernels). Always True under the
+    interpreter, whose one small config fits anything."""
+    if _arch_key(device) == "interpret":
+        return True
+    return _fits(elem, next_pow2(tr), device_smem_limit(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _fits(elem: int, block_r: int, limit: int) -> bool:
+    return any(bwd_tma_smem({"BLOCK_R": block_r, **c.kwargs, "num_stages": c.num_stages}, elem) <= limit
+               for c in DX_TMA_CONFIGS_SM90)
 
 
 def lora_bwd_persistent(g, weight, lora_A, lora_B, h, x, scaling: float, dropout_p: float, seed, lora_slices,

@@ -8,7 +8,8 @@ kernel per direction:
                dB = s·gᵀh, dA = dh'ᵀ (keep∘x)          lora_bwd_persistent   (dh', dB from the GEMM's g tiles;
                                                                               dA from one x tile per dx tile)
 
-Otherwise (sm_80, misaligned strides, T·r > 128, or no dx wanted) the pointer-based kernels:
+Otherwise (sm_80, misaligned strides, T·r > 128, no dx wanted, or a backward whose dx tiles do not fit the
+shared memory: fp32 or fp16/bf16 with T·r above 64) the pointer-based kernels:
 
     forward:   h = x̂ Aᵀ                      lora_down            (reads x once)
                y = x Wᵀ + b + s·h_t B_tᵀ      lora_linear_fwd      (the base GEMM; y written once)
@@ -34,7 +35,7 @@ from ._common import deterministic, tma_ok
 from .lora_bwd_da import lora_bwd_da
 from .lora_bwd_dh_db import lora_bwd_dh_db
 from .lora_bwd_dx import lora_bwd_dx
-from .lora_bwd_persistent import lora_bwd_persistent
+from .lora_bwd_persistent import bwd_fits, lora_bwd_persistent
 from .lora_down import lora_down
 from .lora_fwd_persistent import lora_fwd_persistent
 from .lora_linear_fwd import lora_linear_fwd
@@ -86,7 +87,8 @@ def triton_lora_backward(grad_y, x, weight, lora_A, lora_B, h, scaling: float, d
     dx = dA32 = dB32 = None
     with device_guard(g):
         fused = (need_dx and g.shape[0] and K and lora_A.shape[0] <= PERSISTENT_MAX_TR
-                 and tma_ok(g.device, K, g, weight, *([x2] if need_da else [])))
+                 and tma_ok(g.device, K, g, weight, *([x2] if need_da else []))
+                 and bwd_fits(g.element_size(), lora_A.shape[0], g.device))
         if fused:
             dx, dA32, dB32 = lora_bwd_persistent(g, weight, lora_A, lora_B, h2 if need_dlb else None,
                                                  x2 if need_da else None, scaling, dropout_p, seed, lora_slices,
