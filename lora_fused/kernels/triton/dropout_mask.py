@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..reference.dropout import keep_threshold_u16
-from ._common import keep_tile
+from ._common import cdiv, keep_tile
 
 BLOCK_M = 16
 BLOCK_K = 32
@@ -37,7 +37,7 @@ def triton_dropout_keep_mask(seed, M: int, K: int, p: float, device=None) -> tor
         seed = torch.tensor([int(seed)], dtype=torch.int64, device=device)
     out = torch.empty(M, K, dtype=torch.int8, device=seed.device)
     if M and K:
-        grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_K))
+        grid = (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K))
         with (torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext()):
             _keep_mask_kernel[grid](seed, out, M, K, keep_threshold_u16(p), BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
     return out.bool()

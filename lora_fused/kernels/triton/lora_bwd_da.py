@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, dropout_args, interpreting, keep_tile, next_pow2, sm_count, tuned
+from ._common import cdiv, dot_precision, dropout_args, interpreting, keep_tile, next_pow2, sm_count, tuned
 
 # (BLOCK_M, BLOCK_K, num_warps, num_stages). The M reduction is split across programs (see ``lora_bwd_da``).
 DA_CONFIGS_SM90 = [
@@ -85,12 +85,12 @@ _KERNEL = tuned(
 def _num_splits(M: int, K: int, block_m: int, block_k: int, n_r: int, device: torch.device) -> int:
     """Split the M reduction so the grid fills the GPU (≈ 4 programs per SM) with ≥ 4 M-tiles per split.
     In the interpreter: up to 4 programs with ≥ 1 M-tile each, so the tests exercise the split path."""
-    m_tiles = triton.cdiv(M, block_m)
-    base = triton.cdiv(K, block_k) * n_r
+    m_tiles = cdiv(M, block_m)
+    base = cdiv(K, block_k) * n_r
     if interpreting() or device.type != "cuda":
-        return max(1, min(m_tiles, triton.cdiv(4, base)))
+        return max(1, min(m_tiles, cdiv(4, base)))
     target = 4 * sm_count(device)
-    return max(1, min(triton.cdiv(m_tiles, 4), triton.cdiv(target, base)))
+    return max(1, min(cdiv(m_tiles, 4), cdiv(target, base)))
 
 
 # Upper bound of the splits (the partial buffer of the deterministic path is allocated before the config is known).
@@ -109,13 +109,13 @@ def lora_bwd_da(x, dh, dropout_p: float, seed, deterministic: bool = False) -> t
         return torch.zeros(TR, K, dtype=torch.float32, device=x.device)
     seed_t, threshold, _, has_drop = dropout_args(dropout_p, seed, x)
     block_r = min(128, next_pow2(TR))
-    n_r = triton.cdiv(TR, block_r)
+    n_r = cdiv(TR, block_r)
     if deterministic:
         da = torch.zeros(_max_splits(M, K, n_r, x.device), TR, K, dtype=torch.float32, device=x.device)
     else:
         da = torch.zeros(TR, K, dtype=torch.float32, device=x.device)
     grid = lambda meta: (  # noqa: E731
-        triton.cdiv(K, meta["BLOCK_K"]), n_r, _num_splits(M, K, meta["BLOCK_M"], meta["BLOCK_K"], n_r, x.device)
+        cdiv(K, meta["BLOCK_K"]), n_r, _num_splits(M, K, meta["BLOCK_M"], meta["BLOCK_K"], n_r, x.device)
     )
     _KERNEL(x.device)[grid](
         x, dh, da, seed_t, M, K, TR, next_pow2(M),

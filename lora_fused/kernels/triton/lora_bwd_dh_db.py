@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, next_pow2, tuned
+from ._common import cdiv, dot_precision, next_pow2, tuned
 from .lora_linear_fwd import slice_args
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M sets the grid (M / BLOCK_M programs: 64 rows fill an H100's
@@ -114,7 +114,7 @@ def lora_bwd_dh_db(g, lora_B, h, scaling: float, dh_scale: float, lora_slices, n
     dh = torch.empty(M, T * R, dtype=g.dtype, device=g.device) if need_dh else None
     det = deterministic and need_db
     if det:  # one partial per program; every config's BLOCK_M is a multiple of 16
-        db = torch.empty(triton.cdiv(M, 16), NB, R, dtype=torch.float32, device=g.device)
+        db = torch.empty(cdiv(M, 16), NB, R, dtype=torch.float32, device=g.device)
     else:
         db = torch.zeros(lora_B.shape, dtype=torch.float32, device=g.device) if need_db else None
     if M == 0 or not (need_dh or need_db):
@@ -123,7 +123,7 @@ def lora_bwd_dh_db(g, lora_B, h, scaling: float, dh_scale: float, lora_slices, n
 
     def grid(meta):
         used["BLOCK_M"] = meta["BLOCK_M"]
-        return (triton.cdiv(M, meta["BLOCK_M"]),)
+        return (cdiv(M, meta["BLOCK_M"]),)
 
     dh_arg = dh if dh is not None else g
     h_arg = h if h is not None else g
@@ -137,5 +137,5 @@ def lora_bwd_dh_db(g, lora_B, h, scaling: float, dh_scale: float, lora_slices, n
         BLOCK_R=next_pow2(R),
     )
     if det:
-        db = db[:triton.cdiv(M, used.get("BLOCK_M", 16))].sum(0)
+        db = db[:cdiv(M, used.get("BLOCK_M", 16))].sum(0)
     return dh, db

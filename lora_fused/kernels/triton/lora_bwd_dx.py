@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, dropout_args, keep_tile_mma, next_pow2, tuned
+from ._common import cdiv, dot_precision, dropout_args, keep_tile_mma, next_pow2, tuned
 from .lora_linear_fwd import GEMM_CONFIGS_INTERPRET, GEMM_CONFIGS_SM80, GEMM_CONFIGS_SM90, _grouped_tile, gemm_smem
 
 # dx is (M, K) with an N-deep reduction: the same GEMM shape class as the forward, so the same config lists
@@ -92,7 +92,7 @@ def lora_bwd_dx(g, weight, dh, lora_A, dropout_p: float, seed) -> torch.Tensor:
     if M == 0 or K == 0:
         return dx
     seed_t, threshold, _, has_drop = dropout_args(dropout_p, seed, g)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
     _KERNEL(g.device)[grid](
         g, weight, dh, lora_A, dx, seed_t,
         M, N, K, TR, next_pow2(M),

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (OLD_TRITON_SMEM, _arch_key, device_smem_limit, dot_precision, dropout_args, keep_bits,
+from ._common import (cdiv, OLD_TRITON_SMEM, _arch_key, device_smem_limit, dot_precision, dropout_args, keep_bits,
                       layout_barrier, lora_b_tile, next_pow2, producer_first_tile, scratch_allocator, sm_count, tuned,
                       unpack_keep, unpack_keep_mma)
 from .lora_linear_fwd import slice_args
@@ -281,22 +281,28 @@ def lora_bwd_persistent(g, weight, lora_A, lora_B, h, x, scaling: float, dropout
     dx = torch.empty(M, K, dtype=g.dtype, device=dev)
     dh = torch.empty(M, TR, dtype=g.dtype, device=dev)
     seed_t, threshold, drop_scale, has_drop = dropout_args(dropout_p, seed, g)
-    parts = triton.cdiv(M, 16)  # ≥ cdiv(M, BLOCK_M) for every config: partials and flags are sized for any
-    flags = torch.zeros(parts, dtype=torch.int32, device=dev)
+    parts = cdiv(M, 16)  # ≥ cdiv(M, BLOCK_M) for every config: partials and flags are sized for any
     f32 = dict(dtype=torch.float32, device=dev)
     if deterministic:
+        flags = torch.zeros(parts, dtype=torch.int32, device=dev)
         # every config's row blocks are a whole number of 16-row blocks: the launch fills the first cdiv(M, BM)
         da = torch.empty(parts, TR, K, **f32) if need_da else None
         db = torch.empty(parts, NB, R, **f32) if need_db else None
     else:
-        da = torch.zeros(TR, K, **f32) if need_da else None
-        db = torch.zeros(NB, R, **f32) if need_db else None
+        # flags, dA and dB accumulators zeroed by one fill (each call on a GPU costs host time): one fp32 buffer,
+        # each part starting on a 16-byte boundary (flags padded to 4 words; K is a multiple of 4 under TMA)
+        nf = cdiv(parts, 4) * 4
+        na, nb = (TR * K if need_da else 0), (NB * R if need_db else 0)
+        buf = torch.zeros(nf + na + nb, **f32)
+        flags = buf[:nf].view(torch.int32)
+        da = buf[nf:nf + na].view(TR, K) if need_da else None
+        db = buf[nf + na:].view(NB, R) if need_db else None
     programs = sm_count(dev)
     used = {}
 
     def grid(meta):
         used["BLOCK_M"] = meta["BLOCK_M"]
-        return (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"])),)
+        return (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(K, meta["BLOCK_K"])),)
 
     with scratch_allocator():
         _KERNEL(dev)[grid](
@@ -310,7 +316,7 @@ def lora_bwd_persistent(g, weight, lora_A, lora_B, h, x, scaling: float, dropout
             DOT_PREC=dot_precision(g.dtype), BLOCK_R=next_pow2(TR),
         )
     if deterministic:
-        n = triton.cdiv(M, used.get("BLOCK_M", 16))
+        n = cdiv(M, used.get("BLOCK_M", 16))
         da = da[:n].sum(0) if da is not None else None
         db = db[:n].sum(0) if db is not None else None
     return dx, da, db

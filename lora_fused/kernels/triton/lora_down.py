@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, dropout_args, keep_tile, next_pow2, tuned
+from ._common import cdiv, dot_precision, dropout_args, keep_tile, next_pow2, tuned
 
 # (BLOCK_M, BLOCK_K, num_warps, num_stages); the last entry of each list is small enough for fp32 operands
 # at r = 128 (autotuning skips configs that run out of shared memory); BLOCK_R is fixed by the rank (next power of two ≥ T·r, ≤ 128).
@@ -87,7 +87,7 @@ def lora_down(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed) -> 
         return h
     seed_t, threshold, scale, has_drop = dropout_args(dropout_p, seed, x)
     block_r = min(128, next_pow2(TR))
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(TR, block_r))  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]), cdiv(TR, block_r))  # noqa: E731
     _KERNEL(x.device)[grid](
         x, lora_A, h, seed_t, M, K, TR, next_pow2(M),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), h.stride(0), h.stride(1),

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (OLD_TRITON_SMEM, dot_precision, dropout_args, keep_tile, lora_b_tile, next_pow2, producer_first_tile,
+from ._common import (cdiv, OLD_TRITON_SMEM, dot_precision, dropout_args, keep_tile, lora_b_tile, next_pow2, producer_first_tile,
                       scratch_allocator, sm_count, tuned)
 from .lora_linear_fwd import slice_args
 
@@ -147,9 +147,9 @@ def lora_fwd_persistent(x, weight, bias, lora_A, lora_B, scaling: float, dropout
     if M == 0 or N == 0:
         return y, h.zero_()
     seed_t, threshold, scale, has_drop = dropout_args(dropout_p, seed, x)
-    flags = torch.zeros(triton.cdiv(M, 16), dtype=torch.int32, device=x.device)  # ≥ cdiv(M, BLOCK_M) entries
+    flags = torch.zeros(cdiv(M, 16), dtype=torch.int32, device=x.device)  # ≥ cdiv(M, BLOCK_M) entries
     programs = sm_count(x.device)
-    grid = lambda meta: (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)  # noqa: E731
+    grid = lambda meta: (min(programs, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)  # noqa: E731
     s = float(scaling)
     with scratch_allocator():
         _KERNEL(x.device)[grid](

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_precision, next_pow2, tuned
+from ._common import cdiv, dot_precision, next_pow2, tuned
 
 
 def _gemm_configs(rows):
@@ -147,7 +147,7 @@ def lora_linear_fwd(x, weight, bias, h, lora_B, scaling: float, lora_slices) -> 
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _KERNEL(x.device)[grid](
         x, weight, bias if bias is not None else x, h, lora_B, y,
         M, N, K, R, next_pow2(M),
