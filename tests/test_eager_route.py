@@ -15,7 +15,7 @@ from lora_fused import LoRALinear, LoRAQKV
 from lora_fused.backends import get_backend_impl
 from lora_fused.kernels.reference import hashed_keep_mask, lora_linear_backward_ref, lora_linear_forward_ref
 
-from conftest import assert_close_dtype, assert_neighbours_uncorrelated, naive_lora
+from conftest import assert_close_dtype, assert_neighbours_uncorrelated, naive_lora, requires_cuda
 
 op_module = importlib.import_module("lora_fused.ops.lora_linear")
 
@@ -141,44 +141,129 @@ def test_double_backward_is_refused():
 def test_hashed_mask_is_a_pure_function_of_seed_and_position():
     s = torch.tensor([123456789012345])
     a = hashed_keep_mask(s, 40, 70, 0.3)
+    assert a.dtype == torch.bool and a.shape == (40, 70)
     assert torch.equal(a, hashed_keep_mask(s.clone(), 40, 70, 0.3))
+    assert torch.equal(a, hashed_keep_mask(s.reshape(()), 40, 70, 0.3))
     assert not torch.equal(a, hashed_keep_mask(s + 1, 40, 70, 0.3))
     assert not torch.equal(a, hashed_keep_mask(s + 2**40, 40, 70, 0.3))  # the high 32 bits matter
-    assert torch.equal(hashed_keep_mask(s, 20, 70, 0.3), a[:20])  # row-major positions: a prefix is a prefix
+    assert torch.equal(hashed_keep_mask(s, 20, 70, 0.3), a[:20])  # a prefix of rows is a prefix
+    assert torch.equal(hashed_keep_mask(s, 40, 9, 0.3), a[:, :9])  # and of columns: it depends on (row, col)
+    assert torch.equal(hashed_keep_mask(s, 90, 5, 0.3)[:40], a[:, :5])
 
 
-def _mix32_py(v):
-    v ^= v >> 16
-    v = (v * 0x7FEB352D) & 0xFFFFFFFF
-    v ^= v >> 15
-    v = (v * 0x31848BAB) & 0xFFFFFFFF
-    return v ^ (v >> 16)
+_M32, _M64 = 2**32 - 1, 2**64 - 1
 
 
-def test_hashed_mask_follows_its_documented_formula():
-    """u = mix(mix(i_lo ^ s_lo) ^ i_hi ^ s_hi) mod 2**16, kept when u >= round(p·65536): element by element."""
+def _hashed_u16_py(seed: int, row: int, col: int) -> int:
+    """The 16-bit draw of element (row, col), as hashed_keep_mask's docstring states it, in Python integers."""
+
+    def key(j):
+        z = (seed + 0x9E3779B97F4A7C15 * j) & _M64
+        z ^= z >> 32
+        return ((z * 0x94D049BB133111EB) & _M64) | (2**32 + 1)
+
+    v = ((key(row) & _M32) * (key(col) >> 32)) & _M32
+    for mul in (0x846CA68B, 0xC2B2AE35):
+        v = ((v ^ (v >> 16)) * mul) & _M32
+    return ((v + 2**31) & _M32) >> 16
+
+
+@pytest.mark.parametrize("seed", [0x1234_5678_9ABC_DEF, 2**62 - 1, -5, 0])
+def test_hashed_mask_follows_its_documented_formula(seed):
+    """Element by element against the formula in Python integers (seed read as 64-bit two's complement)."""
     from lora_fused.kernels.reference.dropout import keep_threshold_u16
 
-    seed, rows, cols, p = 0x1234_5678_9ABC_DEF, 5, 7, 0.4
-    keep = hashed_keep_mask(torch.tensor([seed]), rows, cols, p)
-    s_lo, s_hi = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
-    for i in range(rows * cols):
-        u = _mix32_py(_mix32_py(i ^ s_lo) ^ (i >> 32) ^ s_hi) & 0xFFFF
-        assert bool(keep.view(-1)[i]) == (u >= keep_threshold_u16(p)), i
+    rows, cols = 6, 9
+    for p in (0.4, 0.03, 0.97):
+        keep = hashed_keep_mask(torch.tensor([seed]), rows, cols, p)
+        t = keep_threshold_u16(p)
+        want = [[_hashed_u16_py(seed & _M64, r, c) >= t for c in range(cols)] for r in range(rows)]
+        assert keep.tolist() == want, p
+
+
+def _pairwise_max_z(keep: torch.Tensor) -> float:
+    """The largest |correlation|·sqrt(cols) over all pairs of distinct rows of a 0/1 matrix (≈ N(0, 1) each)."""
+    z = keep.double()
+    z = z - z.mean(1, keepdim=True)
+    z = z / z.norm(dim=1, keepdim=True)
+    c = (z @ z.t()).fill_diagonal_(0)
+    return c.abs().max().item() * math.sqrt(keep.shape[1])
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_hashed_mask_statistics(p):
+    """Keep rate overall and per row/column, and no correlation: neighbours (rows and columns), every pair of rows
+    and every pair of columns, the corners of 2x2 squares, and the masks of seeds s+1 and s+2**32 against s's."""
     from lora_fused.kernels.reference.dropout import keep_threshold_u16
 
-    keep = hashed_keep_mask(torch.tensor([2024]), 300, 400, p)
+    seed = torch.tensor([2024])
+    keep = hashed_keep_mask(seed, 300, 400, p)
     q = 1 - keep_threshold_u16(p) / 65536
     sigma = math.sqrt(q * (1 - q) / keep.numel())
     assert abs(keep.float().mean().item() - q) < 5 * sigma
     for sub in (keep[:, :7], keep[:9]):  # no stuck rows or columns
         assert abs(sub.float().mean().item() - q) < 5 * math.sqrt(q * (1 - q) / sub.numel())
+    # 44850 row pairs, 79800 column pairs. Random masks give a maximum below 4.9 at p=0.5 and up to 6.5 at p=0.1
+    # (skewed draws); rows or columns sharing their draws give about 17 and 20.
+    limit = 6.0 if p == 0.5 else 8.0
+    assert _pairwise_max_z(keep) < limit and _pairwise_max_z(keep.t()) < limit
+    d = (keep.double() - q) / math.sqrt(q * (1 - q))  # zero mean, unit variance under independence
+    squares = d[:-1, :-1] * d[1:, :-1] * d[:-1, 1:] * d[1:, 1:]
+    assert abs(squares.mean().item()) * math.sqrt(squares.numel()) < 5 * squares.std().item()
+    for other in (seed + 1, seed + 2**32):
+        e = (hashed_keep_mask(other, 300, 400, p).double() - q) / math.sqrt(q * (1 - q))
+        for prod in (d * e, d[1:] * e[:-1], d[:, 1:] * e[:, :-1]):  # same place, and shifted by a row/column
+            assert abs(prod.mean().item()) * math.sqrt(prod.numel()) < 5, other
     if p == 0.5:
         assert_neighbours_uncorrelated(keep)
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every operator called and the bytes of every storage an operator returns that none of its inputs
+    had (the tensors the call allocates)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.allocated = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        had = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        self.ops.append(func)
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in had:
+                self.allocated.append(t.untyped_storage().nbytes())
+        return out
+
+
+def test_hashed_mask_issues_few_operators_and_allocates_one_int32_grid():
+    """Eleven operators that compute (plus views), no host read of the seed, and the only allocations of the size
+    of the mask are one 4-byte buffer and the boolean result (the keys are O(rows + cols))."""
+    rows, cols = 64, 96
+    with _Allocations() as record:
+        keep = hashed_keep_mask(torch.tensor([7]), rows, cols, 0.25)
+    names = [f.overloadpacket.__name__ for f in record.ops]
+    computing = [n for f, n in zip(record.ops, names) if not f.is_view and n != "detach"]
+    assert len(computing) <= 11, computing
+    assert len(names) <= 24, names
+    assert not {"_local_scalar_dense", "item", "_to_copy", "copy_"} & set(names), names
+    big = [b for b in record.allocated if b >= rows * cols]
+    assert sorted(big) == [rows * cols, 4 * rows * cols], record.allocated
+    assert sum(record.allocated) - sum(big) <= 16 * max(rows, cols), record.allocated
+    assert keep.dtype == torch.bool
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_hashed_mask_is_the_same_on_cuda_and_cpu():
+    """The CPU tests are the oracle for the GPU: one seed gives the same mask bit for bit on both."""
+    for seed, shape in ((2024, (300, 400)), (2**62 - 3, (7, 1000)), (-9, (1000, 7))):
+        s = torch.tensor([seed])
+        for p in (0.1, 0.5):
+            cpu = hashed_keep_mask(s, *shape, p)
+            assert torch.equal(hashed_keep_mask(s.cuda(), *shape, p).cpu(), cpu)
 
 
 @pytest.mark.parametrize("slices", [[0, 9], [0, 3, 6, 3]])

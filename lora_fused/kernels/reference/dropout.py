@@ -22,13 +22,12 @@ not across backends.
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 
 import torch
 
 _U16 = 65536
-_M32 = 0xFFFF_FFFF
-_MIX = (0x7FEB352D, 0x31848BAB)  # odd multipliers below 2**31: products of 32-bit values stay below 2**63
 
 
 @functools.lru_cache(maxsize=256)
@@ -105,29 +104,78 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.d
     return dropout_keep_multiplier(seed, rows, cols, p, device).bool()
 
 
-def _mix32(v: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finalizer (xorshift-multiply) on int64 tensors holding values in [0, 2**32)."""
-    v = v ^ (v >> 16)
-    v = (v * _MIX[0]) & _M32
-    v = v ^ (v >> 15)
-    v = (v * _MIX[1]) & _M32
-    return v ^ (v >> 16)
+def _signed(value: int, bits: int) -> int:
+    """``value`` (taken modulo ``2**bits``) as the two's-complement integer PyTorch stores in ``bits`` bits."""
+    value &= (1 << bits) - 1
+    return value - (1 << bits) if value >> (bits - 1) else value
+
+
+# Constants of the hashed mask (see hashed_keep_mask): the 64-bit golden-ratio step of splitmix64, an odd
+# 64-bit multiplier for the keys (splitmix64's second), and two odd 32-bit multipliers for the grid (from the
+# lowbias32 and murmur3 finalizers), stored as the signed values PyTorch's int64/int32 arithmetic takes.
+_STEP = _signed(0x9E37_79B9_7F4A_7C15, 64)
+_KEY_MUL = _signed(0x94D0_49BB_1331_11EB, 64)
+_KEY_ODD = (1 << 32) | 1  # sets bit 0 of both 32-bit halves: the keys are odd
+_GRID_MUL = (_signed(0x846C_A68B, 32), _signed(0xC2B2_AE35, 32))
+# Which element of a 2-element view is the low half of a wider integer: device memory (CUDA) and the CPUs
+# PyTorch runs on are little-endian; a big-endian host's CPU tensors store the high half first.
+_LO_CPU = 0 if sys.byteorder == "little" else 1
+
+
+def _halves(t: torch.Tensor, dtype: torch.dtype):
+    """``(low, high)``: views of the low and high halves of every element of a 1-D or 2-D ``t`` as ``dtype`` (half
+    as wide), of ``t``'s shape, strided by 2 along the last dimension. Writing one half leaves the other."""
+    w = t.view(dtype)
+    lo = _LO_CPU if t.is_cpu else 0
+    if t.dim() == 1:
+        return w[lo::2], w[1 - lo::2]
+    return w[:, lo::2], w[:, 1 - lo::2]
 
 
 def hashed_keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
-    """Boolean keep mask ``(rows, cols)`` on ``seed``'s device, a pure function of the seed's value and the
-    position, computed without reading the seed on the host (capturable in a CUDA graph).
+    """Boolean keep mask ``(rows, cols)`` on ``seed``'s device, a pure function of the seed's 64-bit value, the
+    position ``(row, col)`` and ``p``, computed without reading the seed on the host (capturable in a CUDA
+    graph) and bit-identical on every device.
 
-    The element ``i = row·cols + col`` draws ``u = mix(mix(i_lo ^ s_lo) ^ i_hi ^ s_hi) mod 2**16`` with
-    ``s_lo``/``s_hi`` and ``i_lo``/``i_hi`` the low and high 32 bits of the seed and of ``i``.
+    With ``fold_b(x) = x XOR (x >> b)`` (logical shift) and all products modulo the width named:
+
+    * keys, 64-bit, for ``j < max(rows, cols)``: ``z_j = (fold_32((s + G·j) mod 2**64)·C mod 2**64) OR
+      (2**32 + 1)``; the row key ``R_row`` is the low 32 bits of ``z_row``, the column key ``Q_col`` the
+      high 32 bits of ``z_col`` (both odd);
+    * element, 32-bit: ``v = fold_16(R_row·Q_col)·B_1``, then ``v = fold_16(v)·B_2`` (mod ``2**32``);
+    * ``u = ((v + 2**31) mod 2**32) >> 16`` (the high 16 bits with the top one flipped), kept when
+      ``u >= keep_threshold_u16(p)``.
+
+    ``G = 0x9E3779B97F4A7C15``, ``C = 0x94D049BB133111EB``, ``B_1 = 0x846CA68B``, ``B_2 = 0xC2B2AE35``. The
+    product of the two odd keys is nonlinear in both, and the two fold-multiply rounds spread every bit of it
+    into the 16 bits read (a single round leaves row pairs whose keys agree in their low ~20 bits visibly
+    correlated). Seeds that differ by ``k·G`` (mod ``2**64``) give masks shifted by ``k`` rows and columns
+    (the splitmix64 property); drawn seeds (uniform in ``[0, 2**62)``) never meet it in practice.
+
+    Cost: eleven tensor operations (five on ``max(rows, cols)`` int64 keys, six on the grid), one int32
+    ``(rows, cols)`` buffer updated in place plus the boolean result. Only integer semantics that CPU and CUDA
+    share are used: int32/int64 multiplication wraps modulo ``2**32``/``2**64`` (two's complement, as
+    PyTorch's CPU and CUDA kernels compute it), the shifts by 32 and 16 are views of the high halves (no
+    arithmetic shift of a signed value), and the final test compares the signed int32 ``v`` with
+    ``(t - 32768)·65536``, which is ``u >= t``.
 
     Args:
         seed: int64 tensor with one element.  rows, cols: the mask's shape.  p: dropout rate in [0, 1).
         device: where to build the mask (default: the seed's device).
     """
     device = seed.device if device is None else device
-    s = seed.reshape(()).to(device=device, dtype=torch.int64)
-    i = torch.arange(rows * cols, device=device, dtype=torch.int64)
-    v = _mix32((i & _M32) ^ (s & _M32))
-    v = _mix32(v ^ (i >> 32) ^ ((s >> 32) & _M32))
-    return (v & (_U16 - 1)).view(rows, cols) >= keep_threshold_u16(p)
+    s = seed.to(device=device, dtype=torch.int64)
+    if s.dim() != 1:
+        s = s.reshape(1)
+    # keys: a Weyl sequence (splitmix64's counter), the high half folded into the low half, one multiply
+    z = torch.add(s, torch.arange(max(rows, cols), device=device, dtype=torch.int64), alpha=_STEP)
+    z_lo, z_hi = _halves(z, torch.int32)
+    z_lo.bitwise_xor_(z_hi)
+    z.mul_(_KEY_MUL).bitwise_or_(_KEY_ODD)
+    # grid: the product of the keys, then two rounds of fold-the-high-half-down and an odd multiply, in place
+    v = torch.mul(z_lo[:rows, None], z_hi[:cols])
+    v_lo, v_hi = _halves(v, torch.int16)
+    for mul in _GRID_MUL:
+        v_lo.bitwise_xor_(v_hi)
+        v.mul_(mul)
+    return torch.ge(v, (keep_threshold_u16(p) - _U16 // 2) * _U16)
