@@ -218,6 +218,30 @@ def test_hashed_mask_statistics(p):
         assert_neighbours_uncorrelated(keep)
 
 
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_hashed_mask_mixing_decorrelates_structured_key_pairs(p):
+    """Rows whose keys are related simply (R' = -R, 3R, R/3, 5R/3, R XOR 2**31, R + m·2**24, R + m·2**28) draw
+    uncorrelated masks over 8192 random column keys: the product alone fails the ratios (-1 for -R), one
+    fold-multiply round fails the high-bit differences (0.3 for R XOR 2**31)."""
+    from lora_fused.kernels.reference.dropout import keep_from_keys
+
+    def signed32(v):
+        v %= 2**32
+        return v - 2**32 if v >= 2**31 else v
+
+    gen = torch.Generator().manual_seed(11)
+    R, m = 0x2545F491, 0x5A3
+    inv = lambda k: pow(k, -1, 2**32)  # noqa: E731
+    related = [-R, 3 * R, R * inv(3), 5 * R * inv(3), R ^ 2**31, R + (m << 24), R + (m << 28)]
+    rows = torch.tensor([[signed32(k)] for k in [R] + related], dtype=torch.int32)
+    cols = torch.randint(-(2**31), 2**31, (8192,), generator=gen, dtype=torch.int32) | 1
+    keep = keep_from_keys(rows, cols, p).double()
+    keep = (keep - keep.mean(1, keepdim=True)) / keep.std(1, keepdim=True)
+    corr = (keep[1:] * keep[0]).mean(1)
+    assert corr.abs().max().item() < 5 / math.sqrt(cols.numel()), corr
+    assert torch.equal(keep_from_keys(cols[:, None], rows[:, 0], p).t(), keep_from_keys(rows, cols, p))  # symmetric
+
+
 class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
     """Records every operator called and the bytes of every storage an operator returns that none of its inputs
     had (the tensors the call allocates)."""

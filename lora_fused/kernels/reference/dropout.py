@@ -137,43 +137,68 @@ def hashed_keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device=
     position ``(row, col)`` and ``p``, computed without reading the seed on the host (capturable in a CUDA
     graph) and bit-identical on every device.
 
-    With ``fold_b(x) = x XOR (x >> b)`` (logical shift) and all products modulo the width named:
+    With ``fold_b(x) = x XOR (x >> b)`` (logical shift) and every product taken modulo the width named:
 
     * keys, 64-bit, for ``j < max(rows, cols)``: ``z_j = (fold_32((s + G·j) mod 2**64)·C mod 2**64) OR
       (2**32 + 1)``; the row key ``R_row`` is the low 32 bits of ``z_row``, the column key ``Q_col`` the
-      high 32 bits of ``z_col`` (both odd);
+      high 32 bits of ``z_col`` (both odd): :func:`hashed_keys`;
     * element, 32-bit: ``v = fold_16(R_row·Q_col)·B_1``, then ``v = fold_16(v)·B_2`` (mod ``2**32``);
     * ``u = ((v + 2**31) mod 2**32) >> 16`` (the high 16 bits with the top one flipped), kept when
-      ``u >= keep_threshold_u16(p)``.
+      ``u >= keep_threshold_u16(p)``: :func:`keep_from_keys`.
 
-    ``G = 0x9E3779B97F4A7C15``, ``C = 0x94D049BB133111EB``, ``B_1 = 0x846CA68B``, ``B_2 = 0xC2B2AE35``. The
-    product of the two odd keys is nonlinear in both, and the two fold-multiply rounds spread every bit of it
-    into the 16 bits read (a single round leaves row pairs whose keys agree in their low ~20 bits visibly
-    correlated). Seeds that differ by ``k·G`` (mod ``2**64``) give masks shifted by ``k`` rows and columns
-    (the splitmix64 property); drawn seeds (uniform in ``[0, 2**62)``) never meet it in practice.
-
-    Cost: eleven tensor operations (five on ``max(rows, cols)`` int64 keys, six on the grid), one int32
-    ``(rows, cols)`` buffer updated in place plus the boolean result. Only integer semantics that CPU and CUDA
-    share are used: int32/int64 multiplication wraps modulo ``2**32``/``2**64`` (two's complement, as
-    PyTorch's CPU and CUDA kernels compute it), the shifts by 32 and 16 are views of the high halves (no
-    arithmetic shift of a signed value), and the final test compares the signed int32 ``v`` with
-    ``(t - 32768)·65536``, which is ``u >= t``.
+    ``G = 0x9E3779B97F4A7C15``, ``C = 0x94D049BB133111EB``, ``B_1 = 0x846CA68B``, ``B_2 = 0xC2B2AE35``.
 
     Args:
         seed: int64 tensor with one element.  rows, cols: the mask's shape.  p: dropout rate in [0, 1).
         device: where to build the mask (default: the seed's device).
     """
     device = seed.device if device is None else device
+    row_keys, col_keys = hashed_keys(seed, max(rows, cols), device)
+    return keep_from_keys(row_keys[:rows, None], col_keys[:cols], p)
+
+
+def hashed_keys(seed: torch.Tensor, n: int, device=None):
+    """``(row_keys, col_keys)``: the odd int32 keys ``R_j`` and ``Q_j`` of :func:`hashed_keep_mask` for ``j < n``,
+    two strided ``(n,)`` views of one int64 tensor ``z`` (its low and high halves).
+
+    The counter ``s + G·j`` is splitmix64's, so seeds that differ by ``k·G`` (mod ``2**64``) give keys shifted by
+    ``k`` (masks shifted by ``k`` rows and columns); seeds drawn uniformly from ``[0, 2**62)`` never meet that in
+    practice. Five tensor operations on ``n`` elements; no host read of the seed.
+
+    Args:
+        seed: int64 tensor with one element.  n: how many keys.  device: where (default: the seed's device).
+    """
+    device = seed.device if device is None else device
     s = seed.to(device=device, dtype=torch.int64)
     if s.dim() != 1:
         s = s.reshape(1)
-    # keys: a Weyl sequence (splitmix64's counter), the high half folded into the low half, one multiply
-    z = torch.add(s, torch.arange(max(rows, cols), device=device, dtype=torch.int64), alpha=_STEP)
+    z = torch.add(s, torch.arange(n, device=device, dtype=torch.int64), alpha=_STEP)
     z_lo, z_hi = _halves(z, torch.int32)
-    z_lo.bitwise_xor_(z_hi)
+    z_lo.bitwise_xor_(z_hi)  # fold_32: the high half into the low half (the high half stays)
     z.mul_(_KEY_MUL).bitwise_or_(_KEY_ODD)
-    # grid: the product of the keys, then two rounds of fold-the-high-half-down and an odd multiply, in place
-    v = torch.mul(z_lo[:rows, None], z_hi[:cols])
+    return z_lo, z_hi
+
+
+def keep_from_keys(row_keys: torch.Tensor, col_keys: torch.Tensor, p: float) -> torch.Tensor:
+    """Boolean keep mask of the broadcast shape of ``row_keys`` and ``col_keys`` (odd int32 keys, e.g. ``(M, 1)``
+    and ``(K,)``): ``v = fold_16(fold_16(R·Q)·B_1)·B_2`` (mod ``2**32``), kept when the high 16 bits of
+    ``v + 2**31`` are at least ``keep_threshold_u16(p)``.
+
+    Why this mixing: the product of two odd keys is nonlinear in both (a XOR or a sum of keys is not), but a
+    multiply only carries bits upward, and the top 16 bits of ``R·Q`` alone correlate two rows whose keys have a
+    simple ratio (``R' = -R`` complements the row at ``p = 0.5``, ``R' = 3R`` correlates it by 1/3). A fold
+    carries the high half down and the next multiply spreads it up again; one such round still leaves keys that
+    differ only in their top bits correlated (30 % for ``R' = R XOR 2**31``), two rounds leave no pair of keys
+    with such a structure (ratios ``±a/b``, ``a, b < 16``; differences ``m·2**k``, ``k >= 16``) correlated
+    beyond sampling noise.
+
+    Six passes over the grid: the product allocates the one int32 buffer, the folds (an XOR of its int16
+    halves) and the multiplies update it in place, and the comparison writes the boolean result. Only
+    integer semantics that CPU and CUDA share are used: int32 multiplication wraps modulo ``2**32`` (two's
+    complement, as PyTorch's CPU and CUDA kernels compute it), the shift by 16 is a view of the high halves
+    (no arithmetic shift of a signed value), and the test is a signed comparison, ``v >= (t - 32768)·65536``.
+    """
+    v = torch.mul(row_keys, col_keys)
     v_lo, v_hi = _halves(v, torch.int16)
     for mul in _GRID_MUL:
         v_lo.bitwise_xor_(v_hi)
