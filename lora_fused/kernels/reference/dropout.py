@@ -115,7 +115,7 @@ def _signed(value: int, bits: int) -> int:
 # lowbias32 and murmur3 finalizers), stored as the signed values PyTorch's int64/int32 arithmetic takes.
 _STEP = _signed(0x9E37_79B9_7F4A_7C15, 64)
 _KEY_MUL = _signed(0x94D0_49BB_1331_11EB, 64)
-_KEY_ODD = (1 << 32) | 1  # sets bit 0 of both 32-bit halves: the keys are odd
+_KEY_ODD = 1 << 32  # sets bit 0 of the high half: the keys are odd
 _GRID_MUL = (_signed(0x846C_A68B, 32), _signed(0xC2B2_AE35, 32))
 # Which element of a 2-element view is the low half of a wider integer: device memory (CUDA) and the CPUs
 # PyTorch runs on are little-endian; a big-endian host's CPU tensors store the high half first.
@@ -139,9 +139,9 @@ def hashed_keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device=
 
     With ``fold_b(x) = x XOR (x >> b)`` (logical shift) and every product taken modulo the width named:
 
-    * keys, 64-bit, for ``j < max(rows, cols)``: ``z_j = (fold_32((s + G·j) mod 2**64)·C mod 2**64) OR
-      (2**32 + 1)``; the row key ``R_row`` is the low 32 bits of ``z_row``, the column key ``Q_col`` the
-      high 32 bits of ``z_col`` (both odd): :func:`hashed_keys`;
+    * keys, 64-bit, for ``i < 2·max(rows, cols)``: ``z_i = fold_32((s + G·i) mod 2**64)·C mod 2**64``; the row
+      key ``R_row`` is the high 32 bits of ``z_(2·row)``, the column key ``Q_col`` those of ``z_(2·col+1)``,
+      each with its lowest bit set (odd): :func:`hashed_keys`;
     * element, 32-bit: ``v = fold_16(R_row·Q_col)·B_1``, then ``v = fold_16(v)·B_2`` (mod ``2**32``);
     * ``u = ((v + 2**31) mod 2**32) >> 16`` (the high 16 bits with the top one flipped), kept when
       ``u >= keep_threshold_u16(p)``: :func:`keep_from_keys`.
@@ -152,31 +152,34 @@ def hashed_keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device=
         seed: int64 tensor with one element.  rows, cols: the mask's shape.  p: dropout rate in [0, 1).
         device: where to build the mask (default: the seed's device).
     """
-    device = seed.device if device is None else device
-    row_keys, col_keys = hashed_keys(seed, max(rows, cols), device)
-    return keep_from_keys(row_keys[:rows, None], col_keys[:cols], p)
+    row_keys, col_keys = hashed_keys(seed, rows, cols, device)
+    return keep_from_keys(row_keys[:, None], col_keys, p)
 
 
-def hashed_keys(seed: torch.Tensor, n: int, device=None):
-    """``(row_keys, col_keys)``: the odd int32 keys ``R_j`` and ``Q_j`` of :func:`hashed_keep_mask` for ``j < n``,
-    two strided ``(n,)`` views of one int64 tensor ``z`` (its low and high halves).
+def hashed_keys(seed: torch.Tensor, rows: int, cols: int, device=None):
+    """``(row_keys, col_keys)``: the odd int32 keys ``R_row`` (``row < rows``) and ``Q_col`` (``col < cols``) of
+    :func:`hashed_keep_mask`, strided views of the high halves of the even and the odd entries of one int64
+    tensor ``z`` of ``2·max(rows, cols)``.
 
-    The counter ``s + G·j`` is splitmix64's, so seeds that differ by ``k·G`` (mod ``2**64``) give keys shifted by
-    ``k`` (masks shifted by ``k`` rows and columns); seeds drawn uniformly from ``[0, 2**62)`` never meet that in
-    practice. Five tensor operations on ``n`` elements; no host read of the seed.
+    ``z_i = fold_32((s + G·i) mod 2**64)·C mod 2**64`` is one round of splitmix64's mixing of its counter: the
+    high half of the product depends on every bit of the folded counter (the low half only on its low bits,
+    periodic in ``i``, so it is not used). Seeds that differ by ``k·G`` (mod ``2**64``) give keys shifted by
+    ``k`` (masks shifted diagonally); seeds drawn uniformly from ``[0, 2**62)`` never meet that in practice.
+    Five tensor operations on ``2·max(rows, cols)`` elements; no host read of the seed.
 
     Args:
-        seed: int64 tensor with one element.  n: how many keys.  device: where (default: the seed's device).
+        seed: int64 tensor with one element.  rows, cols: how many keys.  device: where (default: the seed's
+        device).
     """
     device = seed.device if device is None else device
     s = seed.to(device=device, dtype=torch.int64)
     if s.dim() != 1:
         s = s.reshape(1)
-    z = torch.add(s, torch.arange(n, device=device, dtype=torch.int64), alpha=_STEP)
+    z = torch.add(s, torch.arange(2 * max(rows, cols), device=device, dtype=torch.int64), alpha=_STEP)
     z_lo, z_hi = _halves(z, torch.int32)
     z_lo.bitwise_xor_(z_hi)  # fold_32: the high half into the low half (the high half stays)
     z.mul_(_KEY_MUL).bitwise_or_(_KEY_ODD)
-    return z_lo, z_hi
+    return z_hi[0 : 2 * rows : 2], z_hi[1 : 2 * cols : 2]
 
 
 def keep_from_keys(row_keys: torch.Tensor, col_keys: torch.Tensor, p: float) -> torch.Tensor:
