@@ -151,8 +151,9 @@ def hashed_keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device=
     ``s_hi`` the low and high 32 bits of the seed:
 
     * keys (:func:`hashed_keys`): ``x_i = (s_lo + G·i) XOR s_hi``, then twice ``x_i = fold_16(x_i)·A_k``, for
-      ``i < 2·max(rows, cols)``; the row key is ``R_row = x_(2·row)``, the column key ``Q_col = x_(2·col+1)``;
-    * element (:func:`keep_from_keys`): ``v = R_row + Q_col``, then twice ``v = fold_16(v)·B_k``;
+      ``i < 3·max(rows, cols)``; row ``r`` has ``P_r = x_(3r)`` and ``R_r = x_(3r+1) OR 1``, column ``c`` has
+      ``Q_c = x_(3c+2)``;
+    * element (:func:`keep_from_keys`): ``v = P_r + R_r·Q_c``, then twice ``v = fold_16(v)·B_k``;
       ``u = ((v + 2**31) mod 2**32) >> 16`` (the high 16 bits with the top one flipped), kept when
       ``u >= keep_threshold_u16(p)``.
 
@@ -162,22 +163,21 @@ def hashed_keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device=
         seed: int64 tensor with one element.  rows, cols: the mask's shape.  p: dropout rate in [0, 1).
         device: where to build the mask (default: the seed's device).
     """
-    row_keys, col_keys = hashed_keys(seed, rows, cols, device)
-    return keep_from_keys(row_keys[:, None], col_keys, p)
+    row_add, row_mul, col_keys = hashed_keys(seed, rows, cols, device)
+    return keep_from_keys(row_add[:, None], row_mul[:, None], col_keys, p)
 
 
 def hashed_keys(seed: torch.Tensor, rows: int, cols: int, device=None):
-    """``(row_keys, col_keys)``: the int32 keys ``R_row`` (``row < rows``) and ``Q_col`` (``col < cols``) of
-    :func:`hashed_keep_mask`, strided views of the even and the odd entries of one int32 vector
-    ``x`` of ``2·max(rows, cols)``.
+    """``(P, R, Q)``: the int32 keys of :func:`hashed_keep_mask`, ``P_r`` and ``R_r`` (odd) for ``r < rows`` and
+    ``Q_c`` for ``c < cols``, strided views of one int32 vector ``x`` of ``3·max(rows, cols)``.
 
     Each step is a bijection of 32-bit values and the counter ``s_lo + G·i`` (``G`` odd) takes distinct values
-    for ``i < 2**32``, so no two rows (or columns) below ``2**31`` share a key: no two rows or columns of a mask
-    are alike. The seed's high half enters before both rounds, so the keys of seeds ``s`` and ``s + 2**32`` are
-    unrelated; seeds whose low halves differ by ``k·G`` (mod ``2**32``) and whose high halves agree share the
-    keys shifted by ``k`` (by ``k/2`` rows and columns for even ``k``), which seeds drawn uniformly from
-    ``[0, 2**62)`` do not meet in practice. Seven tensor operations on ``2·max(rows, cols)`` elements; no
-    host read of the seed.
+    for ``i < 2**32``, so ``P`` and ``Q`` never repeat (for fewer than ``2**32 / 3`` rows or columns): no two
+    rows or columns of a mask are alike. The seed's high half enters before both rounds, so the keys of seeds
+    ``s`` and ``s + 2**32`` are unrelated; seeds whose low halves differ by ``3k·G`` (mod ``2**32``) and whose
+    high halves agree share their keys shifted by ``k`` rows and columns, which seeds drawn uniformly from
+    ``[0, 2**62)`` do not meet in practice. Eight tensor operations on ``3·max(rows, cols)`` elements; no host
+    read of the seed.
 
     Args:
         seed: int64 tensor with one element.  rows, cols: how many keys.  device: where (default: the seed's
@@ -188,28 +188,31 @@ def hashed_keys(seed: torch.Tensor, rows: int, cols: int, device=None):
     if s.dim() != 1:
         s = s.reshape(1)
     s_lo, s_hi = _halves(s, torch.int32)
-    x = torch.add(s_lo, torch.arange(2 * max(rows, cols), device=device, dtype=torch.int32), alpha=_STEP)
+    x = torch.add(s_lo, torch.arange(3 * max(rows, cols), device=device, dtype=torch.int32), alpha=_STEP)
     _fold_multiply_(x.bitwise_xor_(s_hi), _KEY_MUL)
-    return x[0 : 2 * rows : 2], x[1 : 2 * cols : 2]
+    return x[0 : 3 * rows : 3], x[1 : 3 * rows : 3].bitwise_or_(1), x[2 : 3 * cols : 3]
 
 
-def keep_from_keys(row_keys: torch.Tensor, col_keys: torch.Tensor, p: float) -> torch.Tensor:
-    """Boolean keep mask of the broadcast shape of the int32 keys ``row_keys`` and ``col_keys`` (e.g. ``(M, 1)``
-    and ``(K,)``): ``v = R + Q``, then twice ``v = fold_16(v)·B_k`` (mod ``2**32``), kept when the high 16 bits of
-    ``v + 2**31`` are at least ``keep_threshold_u16(p)``.
+def keep_from_keys(row_add: torch.Tensor, row_mul: torch.Tensor, col_keys: torch.Tensor, p: float) -> torch.Tensor:
+    """Boolean keep mask of the broadcast shape of the int32 keys (e.g. ``(M, 1)``, ``(M, 1)``, ``(K,)``):
+    ``v = P + R·Q``, then twice ``v = fold_16(v)·B_k`` (mod ``2**32``), kept when the high 16 bits of ``v + 2**31``
+    are at least ``keep_threshold_u16(p)``. ``R`` must be odd.
 
-    Why this mixing: two rows differ by ``d = R' - R`` in every column, two columns by ``Q' - Q`` in every row,
-    and the fold does not distribute over the sum, so the four corners of any rectangle are not tied either. A
-    multiply only carries bits upward; the fold carries the high half down. One fold-multiply round leaves pairs
-    whose ``d`` is small or has only high bits correlated (-0.75 for ``d = 1``, -0.58 for ``d = 2**31`` at
-    ``p = 0.5``); after two rounds every such ``d`` tried (small, ``m·2**k`` for ``k`` up to 31) stays below 1 %
-    (at most 0.7 %, for ``d = 3·2**28`` at ``p = 0.1``, over ``2**22`` random column keys).
+    Why this mixing: a multiply only carries bits upward, the fold carries the high half down, and a pair of
+    rows or columns draws alike only if some difference between them survives the rounds. Two columns differ by
+    ``R_r·(Q' - Q)``, two rows by ``(P' - P) + (R' - R)·Q_c``: both change from element to element (``R`` odd,
+    ``Q`` and ``P`` never repeat), unless ``R' = R`` (one pair of rows in ``2**31``), so no fixed difference
+    runs along a pair (but ``2**31`` between columns whose ``Q`` differ by ``2**31``, which two rounds absorb).
+    A fixed difference can be dangerous: after a sum ``P + Q`` instead, rows whose ``P`` differ by XOR
+    ``0x80008000`` correlate by 0.18 through two rounds (the first fold maps that difference to the top bit). The rounds themselves: one fold-multiply round leaves small or high-only differences
+    correlated (-0.75 for ``v' = v + 1``, -0.58 for ``v + 2**31``, at ``p = 0.5``); two keep every difference
+    tried (small, ``m·2**k`` for ``k`` up to 31) below 1 % (0.7 % at most, over ``2**22`` samples).
 
-    Six passes over the grid: the sum allocates the one int32 buffer, the folds (an XOR of its int16 halves)
-    and the multiplies update it in place, and the comparison writes the boolean result. Only integer
+    Six passes over the grid: ``addcmul`` allocates the one int32 buffer, the folds (an XOR of its int16
+    halves) and the multiplies update it in place, and the comparison writes the boolean result. Only integer
     semantics that CPU and CUDA share are used: int32 addition and multiplication wrap modulo ``2**32`` (two's
     complement, as PyTorch's CPU and CUDA kernels compute them), the shift by 16 is a view of the high halves
     (no arithmetic shift of a signed value), and the test is a signed comparison, ``v >= (t - 32768)·65536``.
     """
-    v = _fold_multiply_(torch.add(row_keys, col_keys), _GRID_MUL)
+    v = _fold_multiply_(torch.addcmul(row_add, row_mul, col_keys), _GRID_MUL)
     return torch.ge(v, (keep_threshold_u16(p) - _U16 // 2) * _U16)
