@@ -1,8 +1,8 @@
 """Seeded dropout mask of the torch backend, regenerated in backward instead of being stored.
 
-The mask of an ``(M, K)`` input is a pure function of ``(seed, M, K, p, device type)``; an element is kept
-when its 16-bit draw ``u`` is at least ``keep_threshold_u16(p)``, so ``p`` is quantized to a multiple of
-1/65536 (|error| <= 7.7e-6), and kept values are scaled by ``1/(1-p)``.
+The mask of an ``(M, K)`` input is a pure function of the seed, the shape (on the CPU) or the position (the
+hashed mask) and ``p``; an element is kept when its 16-bit draw ``u`` is at least ``keep_threshold_u16(p)``, so
+``p`` is quantized to a multiple of 1/65536 (|error| <= 7.7e-6), and kept values are scaled by ``1/(1-p)``.
 
 * On the CPU (:func:`dropout_keep_multiplier`, an integer seed): ``M*K`` draws ``u`` = the low 16 bits of
   consecutive 32-bit outputs of a ``torch.Generator`` seeded with ``seed`` (row-major order), taken by one
@@ -11,9 +11,13 @@ when its 16-bit draw ``u`` is at least ``keep_threshold_u16(p)``, so ``p`` is qu
   32-bit draw per element costs more than four 16-bit decisions per 64-bit word (about 1.9 ms against 0.6 ms
   for a 1576x768 mask on one core), but takes three calls fewer per mask, which is what counts where host time
   dominates; a whole CPU training step at ViT-B qkv size (1576x768->2304) moves by less than 1 %.
-* On other devices (:func:`hashed_keep_mask`, a one-element seed tensor on the device): a counter-based hash
-  of ``(seed, row·K + col)`` computed with tensor operations. Reading the seed never copies it to the host,
-  so the forward and backward passes do not synchronize with the GPU and can be captured in a CUDA graph.
+* On other devices (:func:`hashed_keep_mask`, a one-element seed tensor on the device): a hash of ``(seed,
+  row, col)`` computed with fourteen tensor operations: int32 keys per row and per column hashed from the seed
+  (vectors of ``3·max(M, K)``), combined on the grid as ``P_row + R_row·Q_col`` into one int32 buffer that two
+  in-place fold-and-multiply rounds finish, then one comparison (about 41 bytes moved per element, one int32
+  buffer and the boolean result alive). Reading the seed never copies it to the host, so the forward and
+  backward passes do not synchronize with the GPU and can be captured in a CUDA graph, and the mask is the same
+  on every device (the CPU computes what the GPU does).
 
 Other backends use their own generator (Philox in Triton/CUDA): masks agree within one backend for one seed,
 not across backends.
@@ -174,9 +178,10 @@ def hashed_keys(seed: torch.Tensor, rows: int, cols: int, device=None):
     Each step is a bijection of 32-bit values and the counter ``s_lo + G·i`` (``G`` odd) takes distinct values
     for ``i < 2**32``, so ``P`` and ``Q`` never repeat (for fewer than ``2**32 / 3`` rows or columns): no two
     rows or columns of a mask are alike. The seed's high half enters before both rounds, so the keys of seeds
-    ``s`` and ``s + 2**32`` are unrelated; seeds whose low halves differ by ``3k·G`` (mod ``2**32``) and whose
-    high halves agree share their keys shifted by ``k`` rows and columns, which seeds drawn uniformly from
-    ``[0, 2**62)`` do not meet in practice. Eight tensor operations on ``3·max(rows, cols)`` elements; no host
+    ``s`` and ``s + 2**32`` are unrelated; seeds whose low halves differ by ``j·G`` (mod ``2**32``) and whose
+    high halves agree share their counters shifted by ``j`` (masks shifted by ``j/3`` rows and columns when 3
+    divides ``j``, keys trading roles otherwise), which seeds drawn uniformly from ``[0, 2**62)`` do not meet in
+    practice. Eight tensor operations on ``3·max(rows, cols)`` elements; no host
     read of the seed.
 
     Args:
