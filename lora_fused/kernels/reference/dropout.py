@@ -181,8 +181,7 @@ def hashed_keys(seed: torch.Tensor, rows: int, cols: int, device=None):
     ``s`` and ``s + 2**32`` are unrelated; seeds whose low halves differ by ``j·G`` (mod ``2**32``) and whose
     high halves agree share their counters shifted by ``j`` (masks shifted by ``j/3`` rows and columns when 3
     divides ``j``, keys trading roles otherwise), which seeds drawn uniformly from ``[0, 2**62)`` do not meet in
-    practice. Eight tensor operations on ``3·max(rows, cols)`` elements; no host
-    read of the seed.
+    practice. Eight tensor operations on ``3·max(rows, cols)`` elements; no host read of the seed.
 
     Args:
         seed: int64 tensor with one element.  rows, cols: how many keys.  device: where (default: the seed's
@@ -209,9 +208,10 @@ def keep_from_keys(row_add: torch.Tensor, row_mul: torch.Tensor, col_keys: torch
     ``Q`` and ``P`` never repeat), unless ``R' = R`` (one pair of rows in ``2**31``), so no fixed difference
     runs along a pair (but ``2**31`` between columns whose ``Q`` differ by ``2**31``, which two rounds absorb).
     A fixed difference can be dangerous: after a sum ``P + Q`` instead, rows whose ``P`` differ by XOR
-    ``0x80008000`` correlate by 0.18 through two rounds (the first fold maps that difference to the top bit). The rounds themselves: one fold-multiply round leaves small or high-only differences
-    correlated (-0.75 for ``v' = v + 1``, -0.58 for ``v + 2**31``, at ``p = 0.5``); two keep every difference
-    tried (small, ``m·2**k`` for ``k`` up to 31) below 1 % (0.7 % at most, over ``2**22`` samples).
+    ``0x80008000`` correlate by 0.18 through two rounds (the first fold maps that difference to the top bit).
+    The rounds themselves: one fold-multiply round leaves small or high-only differences correlated (-0.75 for
+    ``v' = v + 1``, -0.58 for ``v + 2**31``, at ``p = 0.5``); two keep every difference tried (small,
+    ``m·2**k`` for ``k`` up to 31) below 1 % (0.7 % at most, over ``2**22`` samples).
 
     Six passes over the grid: ``addcmul`` allocates the one int32 buffer, the folds (an XOR of its int16
     halves) and the multiplies update it in place, and the comparison writes the boolean result. Only integer
