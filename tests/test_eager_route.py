@@ -15,7 +15,7 @@ from lora_fused import LoRALinear, LoRAQKV
 from lora_fused.backends import get_backend_impl
 from lora_fused.kernels.reference import hashed_keep_mask, lora_linear_backward_ref, lora_linear_forward_ref
 
-from conftest import assert_close_dtype, assert_neighbours_uncorrelated, naive_lora
+from conftest import assert_close_dtype, assert_neighbours_uncorrelated, naive_lora, requires_cuda
 
 op_module = importlib.import_module("lora_fused.ops.lora_linear")
 
@@ -141,44 +141,181 @@ def test_double_backward_is_refused():
 def test_hashed_mask_is_a_pure_function_of_seed_and_position():
     s = torch.tensor([123456789012345])
     a = hashed_keep_mask(s, 40, 70, 0.3)
+    assert a.dtype == torch.bool and a.shape == (40, 70)
     assert torch.equal(a, hashed_keep_mask(s.clone(), 40, 70, 0.3))
+    assert torch.equal(a, hashed_keep_mask(s.reshape(()), 40, 70, 0.3))
     assert not torch.equal(a, hashed_keep_mask(s + 1, 40, 70, 0.3))
     assert not torch.equal(a, hashed_keep_mask(s + 2**40, 40, 70, 0.3))  # the high 32 bits matter
-    assert torch.equal(hashed_keep_mask(s, 20, 70, 0.3), a[:20])  # row-major positions: a prefix is a prefix
+    assert torch.equal(hashed_keep_mask(s, 20, 70, 0.3), a[:20])  # a prefix of rows is a prefix
+    assert torch.equal(hashed_keep_mask(s, 40, 9, 0.3), a[:, :9])  # and of columns: it depends on (row, col)
+    assert torch.equal(hashed_keep_mask(s, 90, 5, 0.3)[:40], a[:, :5])
 
 
-def _mix32_py(v):
-    v ^= v >> 16
-    v = (v * 0x7FEB352D) & 0xFFFFFFFF
-    v ^= v >> 15
-    v = (v * 0x31848BAB) & 0xFFFFFFFF
-    return v ^ (v >> 16)
+_M32, _M64 = 2**32 - 1, 2**64 - 1
 
 
-def test_hashed_mask_follows_its_documented_formula():
-    """u = mix(mix(i_lo ^ s_lo) ^ i_hi ^ s_hi) mod 2**16, kept when u >= round(p·65536): element by element."""
+def _fold_multiply_py(x: int, muls) -> int:
+    for mul in muls:
+        x = ((x ^ (x >> 16)) * mul) & _M32
+    return x
+
+
+def _hashed_u16_py(seed: int, row: int, col: int) -> int:
+    """The 16-bit draw of element (row, col), as hashed_keep_mask's docstring states it, in Python integers."""
+    s_lo, s_hi = seed & _M32, seed >> 32
+
+    def x(i):
+        return _fold_multiply_py(((s_lo + 0x9E3779B9 * i) & _M32) ^ s_hi, (0x7FEB352D, 0x846CA68B))
+
+    v = _fold_multiply_py((x(3 * row) + (x(3 * row + 1) | 1) * x(3 * col + 2)) & _M32, (0x85EBCA6B, 0xC2B2AE35))
+    return ((v + 2**31) & _M32) >> 16
+
+
+@pytest.mark.parametrize("seed", [0x1234_5678_9ABC_DEF, 2**62 - 1, -5, 0])
+def test_hashed_mask_follows_its_documented_formula(seed):
+    """Element by element against the formula in Python integers (seed read as 64-bit two's complement)."""
     from lora_fused.kernels.reference.dropout import keep_threshold_u16
 
-    seed, rows, cols, p = 0x1234_5678_9ABC_DEF, 5, 7, 0.4
-    keep = hashed_keep_mask(torch.tensor([seed]), rows, cols, p)
-    s_lo, s_hi = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
-    for i in range(rows * cols):
-        u = _mix32_py(_mix32_py(i ^ s_lo) ^ (i >> 32) ^ s_hi) & 0xFFFF
-        assert bool(keep.view(-1)[i]) == (u >= keep_threshold_u16(p)), i
+    rows, cols = 6, 9
+    for p in (0.4, 0.03, 0.97):
+        keep = hashed_keep_mask(torch.tensor([seed]), rows, cols, p)
+        t = keep_threshold_u16(p)
+        want = [[_hashed_u16_py(seed & _M64, r, c) >= t for c in range(cols)] for r in range(rows)]
+        assert keep.tolist() == want, p
+
+
+def _pairwise_max_z(keep: torch.Tensor) -> float:
+    """The largest |correlation|·sqrt(cols) over all pairs of distinct rows of a 0/1 matrix (≈ N(0, 1) each)."""
+    z = keep.double()
+    z = z - z.mean(1, keepdim=True)
+    z = z / z.norm(dim=1, keepdim=True)
+    c = (z @ z.t()).fill_diagonal_(0)
+    return c.abs().max().item() * math.sqrt(keep.shape[1])
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_hashed_mask_statistics(p):
+    """Keep rate overall and per row/column, and no correlation: neighbours (rows and columns), every pair of rows
+    and every pair of columns, the corners of 2x2 squares, and the masks of seeds s+1 and s+2**32 against s's."""
     from lora_fused.kernels.reference.dropout import keep_threshold_u16
 
-    keep = hashed_keep_mask(torch.tensor([2024]), 300, 400, p)
+    seed = torch.tensor([2024])
+    keep = hashed_keep_mask(seed, 300, 400, p)
     q = 1 - keep_threshold_u16(p) / 65536
     sigma = math.sqrt(q * (1 - q) / keep.numel())
     assert abs(keep.float().mean().item() - q) < 5 * sigma
     for sub in (keep[:, :7], keep[:9]):  # no stuck rows or columns
         assert abs(sub.float().mean().item() - q) < 5 * math.sqrt(q * (1 - q) / sub.numel())
+    # 44850 row pairs, 79800 column pairs. Random masks give a maximum below 4.9 at p=0.5 and up to 6.5 at p=0.1
+    # (skewed draws); rows or columns sharing their draws give about 17 and 20.
+    limit = 6.0 if p == 0.5 else 8.0
+    assert _pairwise_max_z(keep) < limit and _pairwise_max_z(keep.t()) < limit
+    d = (keep.double() - q) / math.sqrt(q * (1 - q))  # zero mean, unit variance under independence
+    squares = d[:-1, :-1] * d[1:, :-1] * d[:-1, 1:] * d[1:, 1:]
+    assert abs(squares.mean().item()) * math.sqrt(squares.numel()) < 5 * squares.std().item()
+    for other in (seed + 1, seed + 2**32):
+        e = (hashed_keep_mask(other, 300, 400, p).double() - q) / math.sqrt(q * (1 - q))
+        for prod in (d * e, d[1:] * e[:-1], d[:, 1:] * e[:, :-1]):  # same place, and shifted by a row/column
+            assert abs(prod.mean().item()) * math.sqrt(prod.numel()) < 5, other
     if p == 0.5:
         assert_neighbours_uncorrelated(keep)
+
+
+def test_hashed_keys_are_distinct_and_look_random():
+    """No two of 65536 row keys P (or column keys Q) are equal (random 32-bit keys would collide about once: two
+    rows alike), R is odd, and every bit of the keys is balanced and uncorrelated with the same bit 1, 2, 3, 4 and
+    8 keys later (the counter alone, or one round, gives periodic bits)."""
+    from lora_fused.kernels.reference.dropout import hashed_keys
+
+    for seed in (2024, 7, 2**61 + 12345):
+        P, R, Q = hashed_keys(torch.tensor([seed]), 2**16, 2**16)
+        assert torch.unique(P).numel() == P.numel() and torch.unique(Q).numel() == Q.numel()
+        assert bool((R & 1).all())
+        for keys, low in ((P, 0), (R, 1), (Q, 0)):
+            bits = ((keys[:4096, None] >> torch.arange(low, 32, dtype=torch.int32)) & 1).double() * 2 - 1  # ±1
+            n = bits.shape[0]
+            assert bits.mean(0).abs().max().item() * math.sqrt(n) < 5
+            for lag in (1, 2, 3, 4, 8):
+                assert (bits[:-lag] * bits[lag:]).mean(0).abs().max().item() * math.sqrt(n) < 5, lag
+
+
+def _correlations_with_first(keep: torch.Tensor) -> torch.Tensor:
+    """Correlation of every row of a 0/1 matrix after the first with the first row."""
+    z = keep.double()
+    z = (z - z.mean(1, keepdim=True)) / z.std(1, keepdim=True)
+    return (z[1:] * z[0]).mean(1)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_hashed_mask_mixing_decorrelates_structured_key_pairs(p):
+    """Columns whose keys Q differ simply (by 1, -1, 3, 2**16, 2**31, m·2**24, m·2**28, or XOR 0x80008000), and
+    rows whose keys P, R do, draw uncorrelated masks over 8192 random keys of the other side. One fold-multiply
+    round fails (-0.58 for Q + 2**31: every row then differs by exactly 2**31); so does a sum P + Q instead of
+    P + R·Q (0.18 for P XOR 0x80008000: a fixed difference that the first fold maps to the top bit)."""
+    from lora_fused.kernels.reference.dropout import keep_from_keys
+
+    def i32(values):
+        return torch.tensor([(v + 2**31) % 2**32 - 2**31 for v in values], dtype=torch.int32)
+
+    gen = torch.Generator().manual_seed(11)
+    n, m, base = 8192, 0x5A3, 0x2545F491
+    related = [base + d for d in (0, 1, -1, 3, 2**16, 2**31, m << 24, m << 28)] + [base ^ 0x80008000]
+    P, R = (torch.randint(-(2**31), 2**31, (n, 1), generator=gen, dtype=torch.int32) for _ in range(2))
+    keep = keep_from_keys(P, R | 1, i32(related), p)  # (n, 9): columns with related keys
+    limit = 5 / math.sqrt(n)
+    assert _correlations_with_first(keep.t()).abs().max().item() < limit
+    Q = torch.randint(-(2**31), 2**31, (n,), generator=gen, dtype=torch.int32)
+    rows_P = i32(related)[:, None]
+    rows_R = i32([(k * 2 + 1) for k in related])[:, None]  # R odd, related alike
+    assert _correlations_with_first(keep_from_keys(rows_P, rows_R, Q, p)).abs().max().item() < limit
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every operator called and the bytes of every storage an operator returns that none of its inputs
+    had (the tensors the call allocates)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.allocated = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        had = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        self.ops.append(func)
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in had:
+                self.allocated.append(t.untyped_storage().nbytes())
+        return out
+
+
+def test_hashed_mask_issues_few_operators_and_allocates_one_int32_grid():
+    """Fourteen operators that compute (plus views), no host read of the seed, and the only allocations of the size
+    of the mask are one 4-byte buffer and the boolean result (the rest: two int32 vectors of 3·max(rows, cols))."""
+    rows, cols, seed = 64, 96, torch.tensor([7])
+    with _Allocations() as record:
+        keep = hashed_keep_mask(seed, rows, cols, 0.25)
+    names = [f.overloadpacket.__name__ for f in record.ops]
+    computing = [n for f, n in zip(record.ops, names) if not f.is_view and n != "detach"]
+    assert len(computing) <= 14, computing
+    assert len(names) <= 31, names
+    assert not {"_local_scalar_dense", "item", "_to_copy", "copy_"} & set(names), names
+    big = [b for b in record.allocated if b >= rows * cols]
+    assert sorted(big) == [rows * cols, 4 * rows * cols], record.allocated
+    assert sum(record.allocated) - sum(big) <= 2 * 4 * 3 * max(rows, cols), record.allocated  # counter, keys
+    assert keep.dtype == torch.bool
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_hashed_mask_is_the_same_on_cuda_and_cpu():
+    """The CPU tests are the oracle for the GPU: one seed gives the same mask bit for bit on both."""
+    for seed, shape in ((2024, (300, 400)), (2**62 - 3, (7, 1000)), (-9, (1000, 7))):
+        s = torch.tensor([seed])
+        for p in (0.1, 0.5):
+            cpu = hashed_keep_mask(s, *shape, p)
+            assert torch.equal(hashed_keep_mask(s.cuda(), *shape, p).cpu(), cpu)
 
 
 @pytest.mark.parametrize("slices", [[0, 9], [0, 3, 6, 3]])

@@ -1,8 +1,8 @@
 """Seeded dropout mask of the torch backend, regenerated in backward instead of being stored.
 
-The mask of an ``(M, K)`` input is a pure function of ``(seed, M, K, p, device type)``; an element is kept
-when its 16-bit draw ``u`` is at least ``keep_threshold_u16(p)``, so ``p`` is quantized to a multiple of
-1/65536 (|error| <= 7.7e-6), and kept values are scaled by ``1/(1-p)``.
+The mask of an ``(M, K)`` input is a pure function of the seed, the shape (on the CPU) or the position (the
+hashed mask) and ``p``; an element is kept when its 16-bit draw ``u`` is at least ``keep_threshold_u16(p)``, so
+``p`` is quantized to a multiple of 1/65536 (|error| <= 7.7e-6), and kept values are scaled by ``1/(1-p)``.
 
 * On the CPU (:func:`dropout_keep_multiplier`, an integer seed): ``M*K`` draws ``u`` = the low 16 bits of
   consecutive 32-bit outputs of a ``torch.Generator`` seeded with ``seed`` (row-major order), taken by one
@@ -11,9 +11,13 @@ when its 16-bit draw ``u`` is at least ``keep_threshold_u16(p)``, so ``p`` is qu
   32-bit draw per element costs more than four 16-bit decisions per 64-bit word (about 1.9 ms against 0.6 ms
   for a 1576x768 mask on one core), but takes three calls fewer per mask, which is what counts where host time
   dominates; a whole CPU training step at ViT-B qkv size (1576x768->2304) moves by less than 1 %.
-* On other devices (:func:`hashed_keep_mask`, a one-element seed tensor on the device): a counter-based hash
-  of ``(seed, row·K + col)`` computed with tensor operations. Reading the seed never copies it to the host,
-  so the forward and backward passes do not synchronize with the GPU and can be captured in a CUDA graph.
+* On other devices (:func:`hashed_keep_mask`, a one-element seed tensor on the device): a hash of ``(seed,
+  row, col)`` computed with fourteen tensor operations: int32 keys per row and per column hashed from the seed
+  (vectors of ``3·max(M, K)``), combined on the grid as ``P_row + R_row·Q_col`` into one int32 buffer that two
+  in-place fold-and-multiply rounds finish, then one comparison (about 41 bytes moved per element, one int32
+  buffer and the boolean result alive). Reading the seed never copies it to the host, so the forward and
+  backward passes do not synchronize with the GPU and can be captured in a CUDA graph, and the mask is the same
+  on every device (the CPU computes what the GPU does).
 
 Other backends use their own generator (Philox in Triton/CUDA): masks agree within one backend for one seed,
 not across backends.
@@ -22,13 +26,12 @@ not across backends.
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 
 import torch
 
 _U16 = 65536
-_M32 = 0xFFFF_FFFF
-_MIX = (0x7FEB352D, 0x31848BAB)  # odd multipliers below 2**31: products of 32-bit values stay below 2**63
 
 
 @functools.lru_cache(maxsize=256)
@@ -105,29 +108,116 @@ def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.d
     return dropout_keep_multiplier(seed, rows, cols, p, device).bool()
 
 
-def _mix32(v: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finalizer (xorshift-multiply) on int64 tensors holding values in [0, 2**32)."""
-    v = v ^ (v >> 16)
-    v = (v * _MIX[0]) & _M32
-    v = v ^ (v >> 15)
-    v = (v * _MIX[1]) & _M32
-    return v ^ (v >> 16)
+def _signed(value: int, bits: int) -> int:
+    """``value`` (taken modulo ``2**bits``) as the two's-complement integer PyTorch stores in ``bits`` bits."""
+    value &= (1 << bits) - 1
+    return value - (1 << bits) if value >> (bits - 1) else value
+
+
+# Constants of the hashed mask (see hashed_keep_mask), as the signed values int32 arithmetic takes: the 32-bit
+# golden-ratio step of the key counter, the odd multipliers of the key rounds (lowbias32's) and of the grid
+# rounds (murmur3's fmix32).
+_STEP = _signed(0x9E37_79B9, 32)
+_KEY_MUL = (_signed(0x7FEB_352D, 32), _signed(0x846C_A68B, 32))
+_GRID_MUL = (_signed(0x85EB_CA6B, 32), _signed(0xC2B2_AE35, 32))
+# Which element of a 2-element view is the low half of a wider integer: device memory (CUDA) and the CPUs
+# PyTorch runs on are little-endian; a big-endian host's CPU tensors store the high half first.
+_LO_CPU = 0 if sys.byteorder == "little" else 1
+
+
+def _halves(t: torch.Tensor, dtype: torch.dtype):
+    """``(low, high)``: views of the low and high halves of every element of a 1-D or 2-D ``t`` as ``dtype`` (half
+    as wide), of ``t``'s shape, strided by 2 along the last dimension. Writing one half leaves the other."""
+    w = t.view(dtype)
+    lo = _LO_CPU if t.is_cpu else 0
+    if t.dim() == 1:
+        return w[lo::2], w[1 - lo::2]
+    return w[:, lo::2], w[:, 1 - lo::2]
+
+
+def _fold_multiply_(x: torch.Tensor, muls) -> torch.Tensor:
+    """``x = fold_16(x)·m mod 2**32`` for each ``m`` of ``muls``, in place on a contiguous int32 ``x`` (1-D or 2-D):
+    a bijection of 32-bit values. The fold XORs the high int16 half into the low one (``x ^ (x >> 16)`` with a
+    logical shift, without shifting a signed value); the multiply wraps modulo ``2**32`` on CPU and CUDA alike."""
+    lo, hi = _halves(x, torch.int16)
+    for mul in muls:
+        lo.bitwise_xor_(hi)
+        x.mul_(mul)
+    return x
 
 
 def hashed_keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
-    """Boolean keep mask ``(rows, cols)`` on ``seed``'s device, a pure function of the seed's value and the
-    position, computed without reading the seed on the host (capturable in a CUDA graph).
+    """Boolean keep mask ``(rows, cols)`` on ``seed``'s device, a pure function of the seed's 64-bit value, the
+    position ``(row, col)`` and ``p``, computed without reading the seed on the host (capturable in a CUDA
+    graph) and bit-identical on every device.
 
-    The element ``i = row·cols + col`` draws ``u = mix(mix(i_lo ^ s_lo) ^ i_hi ^ s_hi) mod 2**16`` with
-    ``s_lo``/``s_hi`` and ``i_lo``/``i_hi`` the low and high 32 bits of the seed and of ``i``.
+    With ``fold_16(x) = x XOR (x >> 16)`` (logical shift), all arithmetic modulo ``2**32``, and ``s_lo``,
+    ``s_hi`` the low and high 32 bits of the seed:
+
+    * keys (:func:`hashed_keys`): ``x_i = (s_lo + G·i) XOR s_hi``, then twice ``x_i = fold_16(x_i)·A_k``, for
+      ``i < 3·max(rows, cols)``; row ``r`` has ``P_r = x_(3r)`` and ``R_r = x_(3r+1) OR 1``, column ``c`` has
+      ``Q_c = x_(3c+2)``;
+    * element (:func:`keep_from_keys`): ``v = P_r + R_r·Q_c``, then twice ``v = fold_16(v)·B_k``;
+      ``u = ((v + 2**31) mod 2**32) >> 16`` (the high 16 bits with the top one flipped), kept when
+      ``u >= keep_threshold_u16(p)``.
+
+    ``G = 0x9E3779B9``, ``A = (0x7FEB352D, 0x846CA68B)``, ``B = (0x85EBCA6B, 0xC2B2AE35)``.
 
     Args:
         seed: int64 tensor with one element.  rows, cols: the mask's shape.  p: dropout rate in [0, 1).
         device: where to build the mask (default: the seed's device).
     """
+    row_add, row_mul, col_keys = hashed_keys(seed, rows, cols, device)
+    return keep_from_keys(row_add[:, None], row_mul[:, None], col_keys, p)
+
+
+def hashed_keys(seed: torch.Tensor, rows: int, cols: int, device=None):
+    """``(P, R, Q)``: the int32 keys of :func:`hashed_keep_mask`, ``P_r`` and ``R_r`` (odd) for ``r < rows`` and
+    ``Q_c`` for ``c < cols``, strided views of one int32 vector ``x`` of ``3·max(rows, cols)``.
+
+    Each step is a bijection of 32-bit values and the counter ``s_lo + G·i`` (``G`` odd) takes distinct values
+    for ``i < 2**32``, so ``P`` and ``Q`` never repeat (for fewer than ``2**32 / 3`` rows or columns): no two
+    rows or columns of a mask are alike. The seed's high half enters before both rounds, so the keys of seeds
+    ``s`` and ``s + 2**32`` are unrelated; seeds whose low halves differ by ``j·G`` (mod ``2**32``) and whose
+    high halves agree share their counters shifted by ``j`` (masks shifted by ``j/3`` rows and columns when 3
+    divides ``j``, keys trading roles otherwise), which seeds drawn uniformly from ``[0, 2**62)`` do not meet in
+    practice. Eight tensor operations on ``3·max(rows, cols)`` elements; no host read of the seed.
+
+    Args:
+        seed: int64 tensor with one element.  rows, cols: how many keys.  device: where (default: the seed's
+        device).
+    """
     device = seed.device if device is None else device
-    s = seed.reshape(()).to(device=device, dtype=torch.int64)
-    i = torch.arange(rows * cols, device=device, dtype=torch.int64)
-    v = _mix32((i & _M32) ^ (s & _M32))
-    v = _mix32(v ^ (i >> 32) ^ ((s >> 32) & _M32))
-    return (v & (_U16 - 1)).view(rows, cols) >= keep_threshold_u16(p)
+    s = seed.to(device=device, dtype=torch.int64)
+    if s.dim() != 1:
+        s = s.reshape(1)
+    s_lo, s_hi = _halves(s, torch.int32)
+    x = torch.add(s_lo, torch.arange(3 * max(rows, cols), device=device, dtype=torch.int32), alpha=_STEP)
+    _fold_multiply_(x.bitwise_xor_(s_hi), _KEY_MUL)
+    return x[0 : 3 * rows : 3], x[1 : 3 * rows : 3].bitwise_or_(1), x[2 : 3 * cols : 3]
+
+
+def keep_from_keys(row_add: torch.Tensor, row_mul: torch.Tensor, col_keys: torch.Tensor, p: float) -> torch.Tensor:
+    """Boolean keep mask of the broadcast shape of the int32 keys (e.g. ``(M, 1)``, ``(M, 1)``, ``(K,)``):
+    ``v = P + R·Q``, then twice ``v = fold_16(v)·B_k`` (mod ``2**32``), kept when the high 16 bits of ``v + 2**31``
+    are at least ``keep_threshold_u16(p)``. ``R`` must be odd.
+
+    Why this mixing: a multiply only carries bits upward, the fold carries the high half down, and a pair of
+    rows or columns draws alike only if some difference between them survives the rounds. Two columns differ by
+    ``R_r·(Q' - Q)``, two rows by ``(P' - P) + (R' - R)·Q_c``: both change from element to element (``R`` odd,
+    ``Q`` and ``P`` never repeat), unless ``R' = R`` (one pair of rows in ``2**31``), so no fixed difference
+    runs along a pair (but ``2**31`` between columns whose ``Q`` differ by ``2**31``, which two rounds absorb).
+    A fixed difference can be dangerous: after a sum ``P + Q`` instead, rows whose ``P`` differ by XOR
+    ``0x80008000`` correlate by 0.18 through two rounds (the first fold maps that difference to the top bit).
+    The rounds themselves: one fold-multiply round leaves small or high-only differences correlated (-0.75 for
+    ``v' = v + 1``, -0.58 for ``v + 2**31``, at ``p = 0.5``); two keep every difference tried (small,
+    ``m·2**k`` for ``k`` up to 31) below 1 % (0.7 % at most, over ``2**22`` samples).
+
+    Six passes over the grid: ``addcmul`` allocates the one int32 buffer, the folds (an XOR of its int16
+    halves) and the multiplies update it in place, and the comparison writes the boolean result. Only integer
+    semantics that CPU and CUDA share are used: int32 addition and multiplication wrap modulo ``2**32`` (two's
+    complement, as PyTorch's CPU and CUDA kernels compute them), the shift by 16 is a view of the high halves
+    (no arithmetic shift of a signed value), and the test is a signed comparison, ``v >= (t - 32768)·65536``.
+    """
+    v = _fold_multiply_(torch.addcmul(row_add, row_mul, col_keys), _GRID_MUL)
+    return torch.ge(v, (keep_threshold_u16(p) - _U16 // 2) * _U16)
