@@ -13,8 +13,8 @@ Backward:  u_t = g_t B_t (so dh = s·u);  dB_t = s · g_tᵀ h_t;  dA = s·c · 
            dx = g W + s·c · m∘(u A);  dW = gᵀ x;  db = Σ_rows g      (each only when asked for)
 
 Scalars ride on the GEMMs (``alpha``/``beta``) rather than on extra passes, and ``x`` is masked at most once
-per direction (the mask is made as a 0/1 multiplier in ``x``'s dtype and applied by a multiply), never
-stored: the op saves ``x`` only for dA or dW, ``h`` only for dB, the seed for the mask.
+per direction (on the CPU the mask is made as a 0/1 multiplier in ``x``'s dtype, elsewhere as a boolean mask;
+either is applied by one multiply), never stored: the op saves ``x`` only for dA or dW, ``h`` only for dB, the seed for the mask.
 ``x`` may be None when neither dA nor dW is needed, ``h`` None when dB is not.
 
 Several targets (or one on part of the outputs) are applied in one of three ways, all the same math:
@@ -108,13 +108,6 @@ def keep_mask(seed: Seed, rows: int, cols: int, p: float, device: torch.device) 
     return dropout_keep_mask(seed, rows, cols, p, device)
 
 
-def keep_multiplier(seed: Seed, rows: int, cols: int, p: float, like: torch.Tensor) -> torch.Tensor:
-    """:func:`keep_mask` as a 0/1 tensor of ``like``'s dtype on its device (what the kernels multiply by)."""
-    if isinstance(seed, torch.Tensor):
-        return hashed_keep_mask(seed, rows, cols, p, like.device).to(like.dtype)
-    return keep_multiplier_of_size(int(seed), (rows, cols), p, like.device, like.dtype)
-
-
 _zeros: dict = {}  # dtype -> a 0-dim CPU zero of that dtype (see lora_linear_forward_ref)
 
 
@@ -153,10 +146,11 @@ def lora_linear_forward_ref(
             if zero is None:
                 zero = _zero(dtype)
             keep = keep_multiplier_of_size(seed, x.shape, dropout_p, x.device, dtype)
-            x_hat = torch.addcmul(zero, keep, x, value=1.0 / (1.0 - dropout_p))
+            h = F.linear(torch.addcmul(zero, keep, x, value=1.0 / (1.0 - dropout_p)), lora_A)
         else:
-            x_hat = keep_multiplier(seed, x.shape[0], x.shape[1], dropout_p, x).mul_(x).mul_(1.0 / (1.0 - dropout_p))
-        h = F.linear(x_hat, lora_A)
+            # the boolean mask multiplies x in one pass (no conversion to x's dtype); 1/(1-p) goes on the small h
+            h = F.linear(x * keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device), lora_A)
+            h.mul_(1.0 / (1.0 - dropout_p))
     else:
         h = F.linear(x, lora_A)
     y = F.linear(x, weight, bias)
@@ -217,16 +211,17 @@ def lora_linear_backward_ref(
             if seed.__class__ is int and g.is_cpu:
                 size = x.shape if x is not None else (g.shape[0], weight.shape[1])
                 keep = keep_multiplier_of_size(seed, size, dropout_p, g.device, g.dtype)
-            else:
-                keep = keep_multiplier(seed, g.shape[0], weight.shape[1], dropout_p, g)
+            else:  # a boolean mask: multiplied in directly (one pass each, no conversion to g's dtype)
+                keep = keep_mask(seed, g.shape[0], weight.shape[1], dropout_p, g.device)
             c = scaling / (1.0 - dropout_p)
         if need_dx:
             dx = torch.mm(u, lora_A)
             if keep is not None:
                 dx.mul_(keep)
             dx.addmm_(g, weight, beta=c)  # c · m∘(u A) + g W
-        if need_da:  # after dx: the multiplier becomes m∘x in place
-            dA = torch.addmm(lora_A, u.t(), x if keep is None else keep.mul_(x), beta=0, alpha=c)
+        if need_da:  # after dx: a float multiplier becomes m∘x in place, a boolean one makes a new tensor
+            mx = x if keep is None else (x * keep if keep.dtype == torch.bool else keep.mul_(x))
+            dA = torch.addmm(lora_A, u.t(), mx, beta=0, alpha=c)
     if need_dw:
         dW = torch.mm(g.t(), x)
     if need_db:
