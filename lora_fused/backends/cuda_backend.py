@@ -59,7 +59,7 @@ def _built_archs():
 @functools.lru_cache(maxsize=None)
 def _arch_reason(index: int) -> Optional[str]:
     """Why the kernels cannot run on GPU ``index`` (None: they can)."""
-    major, minor = torch.cuda.get_device_capability(index)
+    major, minor = _capability(index)
     if major < 8:
         return f"GPU {index} has compute capability {major}.{minor}; the CUDA kernels need 8.0 or newer"
     archs = _built_archs()

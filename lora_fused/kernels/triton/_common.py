@@ -293,13 +293,21 @@ def device_smem_limit(device: torch.device) -> int:
     return smem_limit(_index(device))
 
 
-def pick_configs(configs, estimate, limit: int, elem: int, meta: dict, full: bool):
-    """The configs whose estimated shared memory (``estimate(meta+config, elem)``) fits ``limit`` (the smallest
-    one when none does); only the first of them when ``full`` is False."""
-    def need(c):
-        return estimate({**meta, **c.kwargs, "num_stages": c.num_stages}, elem)
+def config_smem(estimate, config, elem: int, meta: dict):
+    """A config's estimated shared memory: ``estimate(meta + config's kwargs and stages, elem)``."""
+    return estimate({**meta, **config.kwargs, "num_stages": config.num_stages}, elem)
 
-    fits = [c for c in configs if need(c) <= limit] or [min(configs, key=need)]
+
+def fitting_configs(configs, estimate, limit: int, elem: int, meta: dict):
+    """The configs whose estimated shared memory fits ``limit``, in order (possibly none)."""
+    return [c for c in configs if config_smem(estimate, c, elem, meta) <= limit]
+
+
+def pick_configs(configs, estimate, limit: int, elem: int, meta: dict, full: bool):
+    """The configs whose estimated shared memory fits ``limit`` (the smallest one when none does); only the first
+    of them when ``full`` is False."""
+    fits = (fitting_configs(configs, estimate, limit, elem, meta)
+            or [min(configs, key=lambda c: config_smem(estimate, c, elem, meta))])
     return fits if full else fits[:1]
 
 
@@ -349,7 +357,7 @@ class _Launcher:
     the chosen config directly. The key is the autotuner's (the ``key`` arguments' values and the tensor
     arguments' dtypes), read from precomputed positions instead of rebuilt from a name → value dict each call."""
 
-    __slots__ = ("tuner", "run", "key_at", "best", "__weakref__")
+    __slots__ = ("tuner", "run", "key_at", "best")
 
     def __init__(self, tuner, key: Sequence[str]):
         self.tuner = tuner

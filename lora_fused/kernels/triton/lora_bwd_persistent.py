@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (cdiv, OLD_TRITON_SMEM, _arch_key, device_smem_limit, dot_precision, dropout_args, keep_bits,
-                      layout_barrier, lora_b_tile, next_pow2, producer_first_tile, scratch_allocator, sm_count, tuned,
-                      unpack_keep, unpack_keep_mma)
+from ._common import (OLD_TRITON_SMEM, _arch_key, cdiv, device_smem_limit, dot_precision, dropout_args,
+                      fitting_configs, keep_bits, layout_barrier, lora_b_tile, next_pow2, producer_first_tile,
+                      scratch_allocator, sm_count, tuned, unpack_keep, unpack_keep_mma)
 from .lora_linear_fwd import slice_args
 
 
@@ -262,8 +262,7 @@ def bwd_fits(elem: int, tr: int, device: torch.device) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _fits(elem: int, block_r: int, limit: int) -> bool:
-    return any(bwd_tma_smem({"BLOCK_R": block_r, **c.kwargs, "num_stages": c.num_stages}, elem) <= limit
-               for c in DX_TMA_CONFIGS_SM90)
+    return bool(fitting_configs(DX_TMA_CONFIGS_SM90, bwd_tma_smem, limit, elem, {"BLOCK_R": block_r}))
 
 
 def lora_bwd_persistent(g, weight, lora_A, lora_B, h, x, scaling: float, dropout_p: float, seed, lora_slices,

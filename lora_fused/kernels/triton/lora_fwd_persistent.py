@@ -7,8 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (cdiv, OLD_TRITON_SMEM, dot_precision, dropout_args, keep_tile, lora_b_tile, next_pow2, producer_first_tile,
-                      scratch_allocator, sm_count, tuned)
+from ._common import (OLD_TRITON_SMEM, cdiv, dot_precision, dropout_args, keep_tile, lora_b_tile, next_pow2,
+                      producer_first_tile, scratch_allocator, sm_count, tuned)
 from .lora_linear_fwd import slice_args
 
 
