@@ -3,8 +3,8 @@
     python -m benchmarks.kernel_times --shape 16384x4096x4096 --p 0.1 --out DIR
 
 The suite says a step costs 1.4x the frozen layer; this says which kernel holds the excess (the forward GEMM,
-the dx GEMM, a mask or reduction kernel, an unexpected copy). For each method (the frozen ``nn.Linear`` with
-a gradient to x only, PEFT when installed, and lora_fused on each backend that runs), after warm-up, ``steps``
+the dx GEMM, a mask or reduction kernel, an unexpected copy). For each method of the suite (the frozen ``nn.Linear``
+with a gradient to x only, plain PyTorch LoRA, PEFT when installed, and lora_fused on each backend that runs), after warm-up, ``steps``
 training steps of ``LoRALinear`` (r=16 by default, bf16) are profiled; the report lists every kernel with its
 calls per step and µs per step, and the sum.
 """
@@ -18,42 +18,21 @@ from collections import defaultdict
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import lora_fused
 
-import lora_fused  # noqa: E402
-from lora_fused import LoRALinear  # noqa: E402
+from .harness import peft_available
+from .methods import linear_methods, make_base
 
 
 def _methods(K: int, N: int, r: int, p: float, dtype, backends, device):
-    """``(label, module, backend or None)`` for the floor, PEFT (when it imports) and each backend."""
-    torch.manual_seed(0)
-    base = torch.nn.Linear(K, N).to(device, dtype).requires_grad_(False)
-    out = [("floor", base, None)]
-    try:
-        import peft
-
-        class Wrap(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.lin = torch.nn.Linear(K, N)
-
-            def forward(self, x):
-                return self.lin(x)
-
-        w = Wrap().to(device, dtype)
-        w.lin.load_state_dict(base.state_dict())
-        pm = peft.get_peft_model(w, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["lin"]))
-        out.append(("peft", pm, None))
-    except ImportError:
-        pass
-    for b in backends:
-        m = LoRALinear.from_linear(base, r=r, lora_alpha=2 * r, lora_dropout=p)
-        torch.nn.init.normal_(m.lora_B, std=0.02)
-        out.append((f"lora_fused[{b}]", m, b))
-    return out
+    """The suite's methods for one ``LoRALinear`` comparison (:func:`benchmarks.methods.linear_methods`): floor,
+    plain, PEFT when it imports, and lora_fused on each backend, around one frozen base."""
+    base = make_base(K, N, device, dtype, seed=0)
+    return linear_methods(base, r, 2.0 * r, [p], backends, peft_available() is None, lora_fa=False,
+                          two_adapters=False)
 
 
-def kernel_table(module, backend, x, g, steps: int):
+def kernel_table(module, backend_ctx, trainable, x, g, steps: int):
     """``{kernel name: [calls, µs]}`` per step of ``steps`` profiled training steps (on a CPU, for a dry run of
     this script: the operators' CPU time instead)."""
     from torch.profiler import ProfilerActivity, profile
@@ -62,12 +41,13 @@ def kernel_table(module, backend, x, g, steps: int):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
 
-    def step():
+    def step():  # gradients reset each step: no accumulation kernels in the table
         x.grad = None
+        for t in trainable:
+            t.grad = None
         module(x).backward(g)
 
-    ctx = lora_fused.use_backend(backend) if backend else torch.autograd.profiler.record_function("floor")
-    with ctx:
+    with backend_ctx():
         for _ in range(5):
             step()
         sync()
@@ -108,9 +88,10 @@ def main(argv=None) -> int:
     where = torch.cuda.get_device_name(0) if cuda else "CPU (dry run: operators' CPU time)"
     lines = [f"# Kernels per training step: {where}, {str(dtype)[6:]}, {M}x{K}->{N}, r={args.rank}, p={args.p}, "
              f"{args.steps} profiled steps", ""]
-    for label, module, backend in _methods(K, N, args.rank, args.p, dtype, backends, args.device):
-        module.train()
-        table = kernel_table(module, backend, x, g, args.steps)
+    for method in _methods(K, N, args.rank, args.p, dtype, backends, args.device):
+        method.module.train()
+        label = method.label
+        table = kernel_table(method.module, method.backend_ctx, method.trainable, x, g, args.steps)
         total = sum(v[1] for v in table.values())
         lines += [f"## {label}: {total:.1f} µs of kernel time per step", "", "| kernel | calls/step | µs/step |",
                   "|---|---|---|"]
