@@ -17,14 +17,11 @@ import cProfile
 import io
 import os
 import pstats
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import lora_fused  # noqa: E402
-from lora_fused import LoRALinear  # noqa: E402
+import lora_fused
+from lora_fused import LoRALinear
 
 
 def profile_backend(backend: str, device: str, dtype: torch.dtype, steps: int, top: int) -> str:
