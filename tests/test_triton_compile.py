@@ -159,3 +159,24 @@ def test_autotuner_prune_hook_uses_the_estimate(monkeypatch):
             assert len(got16) > len(got32) >= 1 and set(got16) <= set(configs)
         else:
             assert len(got16) == len(got32) == 1
+
+
+@pytest.mark.skipif(not _has_ptxas(), reason="Triton's NVIDIA backend (ptxas) is not installed here")
+def test_direct_launches_pass_what_the_jit_passes():
+    """Through a stand-in sm_90 driver (kernels compiled for real, launches recorded): every direct launch of a
+    repeated call finds its entry and hands Triton's launcher the JIT's grid, stream, kernel, metadata and
+    arguments, for every kernel of the package (persistent and pointer kernels; fp16, bf16, fp32; a 3-D input;
+    two targets)."""
+    from lora_fused.kernels.triton.launch_check import SCENARIOS
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-m", "lora_fused.kernels.triton.launch_check", "--calls", "5"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=900,
+    )
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-4000:]
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| ") and "µs" not in line]
+    rows = [[c.strip() for c in row] for row in rows if not set(row[0].strip()) <= {"-"}]
+    assert [row[0] for row in rows] == [s[0] for s in SCENARIOS]
+    assert sum(int(row[1]) for row in rows) == 13  # 2 + 2 + 4 + 5 kernels: each scenario's launches all checked
+    assert all(int(row[2]) == int(row[1]) for row in rows)

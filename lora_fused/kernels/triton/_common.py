@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 from ..reference.dropout import dropout_scale, keep_threshold_u16
 
@@ -41,6 +42,12 @@ OLD_TRITON_SMEM = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3,
 def interpreting() -> bool:
     """True when kernels run on the CPU through ``TRITON_INTERPRET=1``."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Triton's ``@triton.jit`` reads TRITON_INTERPRET when a kernel is defined, so the kernels of this package are
+# interpreted or compiled as the variable was when it was imported; the per-call paths follow that, not a later
+# change of the variable.
+_INTERPRETED = interpreting()
 
 
 def next_pow2(n: int, lo: int = 16) -> int:
@@ -169,15 +176,19 @@ def keep_tile_mma(seed, rows, k0, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.
 
 
 # Ahead-of-time capture (``aot_check``): launchers run on meta tensors as if on a GPU of ``arch`` and record their
-# launches instead of running them, so the compile check sees exactly the arguments the JIT would.
+# launches instead of running them, so the compile check sees exactly the arguments the JIT would. With
+# ``record=False`` (``launch_check``) the launches go on to Triton as on that GPU, with CPU tensors and Triton's
+# driver replaced by a stand-in that records what would be launched.
 _AOT: Optional[dict] = None
 
 
 @contextlib.contextmanager
-def aot_capture(arch: int, sms: int, smem: int):
-    """Within the block, ``tuned`` kernels record ``(tuned, grid, args, kwargs)`` into the yielded list."""
+def aot_capture(arch: int, sms: int, smem: int, record: bool = True):
+    """Within the block the launchers act as on a GPU of compute capability ``arch`` (e.g. 90) with ``sms``
+    multiprocessors and ``smem`` bytes of shared memory per block; with ``record``, ``tuned`` kernels record
+    ``(tuned, grid, args, kwargs)`` into the yielded list instead of launching."""
     global _AOT
-    saved, _AOT = _AOT, {"arch": arch, "sms": sms, "smem": smem, "launches": []}
+    saved, _AOT = _AOT, {"arch": arch, "sms": sms, "smem": smem, "launches": [], "record": record}
     try:
         yield _AOT["launches"]
     finally:
@@ -197,7 +208,7 @@ def _index(device: torch.device) -> int:
 def _arch_key(device: torch.device) -> str:
     if _AOT is not None:
         return "sm90" if _AOT["arch"] >= 90 else "sm80"
-    if interpreting() or device.type != "cuda":
+    if device.type != "cuda" or _INTERPRETED:
         return "interpret"
     return _cuda_arch(_index(device))
 
@@ -236,21 +247,19 @@ def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (cached per device): the grid of the persistent kernels."""
     if _AOT is not None:
         return _AOT["sms"]
-    if interpreting() or device.type != "cuda":
+    if device.type != "cuda" or _INTERPRETED:
         return INTERPRET_PROGRAMS
     return _cuda_sm_count(_index(device))
 
 
 def _scratch(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+    return torch.empty(size, dtype=torch.int8, device="cuda" if _AOT is None else "cpu")
 
 
 def scratch_allocator():
     """Device-side tensor descriptors need a global scratch buffer at launch (``triton.set_allocator``). Installs a
     torch-backed allocator for the launch only when none is set, so a user's allocator is never replaced; returns a
     context manager."""
-    from triton.runtime import _allocation
-
     var = getattr(_allocation, "_allocator", None)
     if var is None or not isinstance(var.get(), _allocation.NullAllocator):
         return contextlib.nullcontext()
@@ -339,45 +348,137 @@ class tuned:
                                prune_configs_by={"early_config_prune": prune})(self.fn)
 
     def __call__(self, device: torch.device):
-        if _AOT is not None:
+        if _AOT is not None and _AOT["record"]:
             return _Recorder(self, _AOT["launches"])
-        tuner = self._for(_arch_key(device), autotune_enabled())
+        arch = _arch_key(device)
+        tuner = self._for(arch, autotune_enabled())
         launcher = _LAUNCHERS.get(tuner)
         if launcher is None:
-            launcher = _LAUNCHERS[tuner] = _Launcher(tuner, self.key)
+            launcher = _LAUNCHERS[tuner] = _Launcher(tuner, self.key, direct=arch != "interpret")
         return launcher
 
 
 _LAUNCHERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # autotuner -> its _Launcher
 
+try:  # Triton's launch hooks (profilers such as proton register there); absent before Triton 3.4
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - older Triton: no direct launches
+    _knobs = None
+
+# Entries of a launcher's direct-launch table before it is cleared (each distinct set of scalar arguments, e.g.
+# every batch size of a dynamic-shape workload, adds one).
+DIRECT_MAX = 512
+
+
+def _hooks_idle() -> bool:
+    """Whether no launch hook is registered with Triton (its hook chains are empty): a direct launch then passes
+    none, as Triton's launcher would call none."""
+    if _knobs is None:
+        return False
+    runtime = _knobs.runtime
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return ((enter is None or not getattr(enter, "calls", True))
+            and (leave is None or not getattr(leave, "calls", True)))
+
 
 class _Launcher:
-    """``launcher[grid](*args, **kwargs)`` launches as the autotuner does, without its per-call work once a key has
-    been tuned: the first call of each key goes through the autotuner (benchmarking the configs), later calls run
-    the chosen config directly. The key is the autotuner's (the ``key`` arguments' values and the tensor
-    arguments' dtypes), read from precomputed positions instead of rebuilt from a name → value dict each call."""
+    """``launcher[grid](*args, **kwargs)`` launches what the autotuner would, with less host work per call:
 
-    __slots__ = ("tuner", "run", "key_at", "best")
+    * the first call of an autotuning key goes through the autotuner (benchmarking the configs); later calls of
+      that key run the chosen config through Triton's JIT directly. The key is the autotuner's (the ``key``
+      arguments' values and the tensor arguments' dtypes), read from precomputed positions;
+    * on a GPU, a call whose arguments match an earlier call's in everything that decides which compiled kernel
+      runs and how (the current device, every scalar argument's value, every tensor's dtype and 16-byte
+      alignment, the keyword arguments) launches that earlier call's compiled kernel itself, with the same
+      argument list the JIT built for it: Triton's per-call binding, specialization, cache lookup and launch
+      metadata are skipped. The grid function still runs on every call. Taken only while no Triton launch hook
+      is registered (a profiler gets the JIT's path); a call site must pass each argument with one Python type
+      (an int stays an int), as ours do."""
 
-    def __init__(self, tuner, key: Sequence[str]):
+    __slots__ = ("tuner", "run", "key_at", "best", "direct", "names", "defaults", "lead")
+
+    def __init__(self, tuner, key: Sequence[str], direct: bool = True):
         self.tuner = tuner
         self.run = tuner.fn.run
-        self.key_at = [(tuner.arg_names.index(k), k) for k in key]
+        names = list(tuner.fn.arg_names)
+        self.key_at = [(names.index(k), k) for k in key]
         self.best: dict = {}
+        self.direct: Optional[dict] = {} if direct and _knobs is not None else None
+        self.names = names
+        self.lead = 0  # how many leading positional arguments are tensors (learned from the first recorded call)
+        params = getattr(tuner.fn, "signature", None)
+        self.defaults = ({n: p.default for n, p in params.parameters.items() if p.default is not p.empty}
+                         if params is not None else {})
 
     def __getitem__(self, grid):
         return functools.partial(self._launch, grid)
 
     def _launch(self, grid, *args, **kwargs):
+        fingerprint = None
+        if self.direct is not None and _hooks_idle():
+            device = triton.runtime.driver.active.get_current_device()
+            lead = self.lead
+            try:  # the leading tensors by dtype and alignment, every later argument by value
+                fingerprint = (device, *[(a.dtype, a.data_ptr() & 15) for a in args[:lead]], *args[lead:],
+                               *kwargs.items())
+                hit = self.direct.get(fingerprint)
+            except (AttributeError, TypeError):  # not a tensor where one led before, or unhashable: the JIT's path
+                fingerprint = hit = None
+            if hit is not None:
+                kernel, tail, meta = hit
+                g = grid(meta) if callable(grid) else grid
+                run = kernel.run  # loads the module on first use
+                run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1,
+                    triton.runtime.driver.active.get_current_stream(device), kernel.function,
+                    kernel.packed_metadata, None, None, None, *args, *tail)
+                return kernel
         n = len(args)
         key = tuple([args[i] if i < n else kwargs[name] for i, name in self.key_at]
                     + [a.dtype for a in args if isinstance(a, torch.Tensor)])
         config = self.best.get(key)
         if config is None:
-            out = self.tuner[grid](*args, **kwargs)
-            self.best[key] = self.tuner.best_config.all_kwargs()
-            return out
-        return self.run(*args, grid=grid, warmup=False, **kwargs, **config)
+            kernel = self.tuner[grid](*args, **kwargs)
+            config = self.best[key] = self.tuner.best_config.all_kwargs()
+        else:
+            kernel = self.run(*args, grid=grid, warmup=False, **kwargs, **config)
+        if fingerprint is not None:
+            self._remember(fingerprint, kernel, config, args, kwargs)
+        return kernel
+
+    def _remember(self, fingerprint, kernel, config: dict, args, kwargs) -> None:
+        """Record a JIT launch for direct launches: the compiled kernel, the arguments after the positional ones in
+        the kernel's parameter order (keyword arguments, the config's constants, defaults: the same for every call
+        of this fingerprint) and the grid function's argument (scalars only: no tensor is kept alive)."""
+        if not all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
+            return
+        lead = next((i for i, a in enumerate(args) if not isinstance(a, torch.Tensor)), len(args))
+        if any(isinstance(a, torch.Tensor) for a in args[lead:]):
+            return  # a tensor after the leading ones would enter the fingerprint by identity
+        if lead != self.lead:  # the fingerprint's layout changes: earlier entries no longer match
+            self.direct.clear()
+            self.lead = lead
+            fingerprint = (fingerprint[0], *[(a.dtype, a.data_ptr() & 15) for a in args[:lead]], *args[lead:],
+                           *kwargs.items())
+        tail, meta = [], {}
+        for i, name in enumerate(self.names):
+            if i < len(args):
+                value = args[i]
+            elif name in kwargs:
+                value = kwargs[name]
+            elif name in config:
+                value = config[name]
+            elif name in self.defaults:
+                value = self.defaults[name]
+            else:
+                return
+            if i >= len(args):
+                tail.append(value)
+            if not isinstance(value, torch.Tensor):
+                meta[name] = value
+        meta.update((k, v) for k, v in config.items() if k not in meta)
+        if len(self.direct) >= DIRECT_MAX:
+            self.direct.clear()
+        self.direct[fingerprint] = (kernel, tuple(tail), meta)
 
 
 class _Recorder:

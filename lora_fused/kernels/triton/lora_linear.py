@@ -44,9 +44,19 @@ from .lora_linear_fwd import lora_linear_fwd
 PERSISTENT_MAX_TR = 128
 
 
+_NO_GUARD = contextlib.nullcontext()
+_several_gpus: Optional[bool] = None  # more than one visible CUDA device (fixed once CUDA is initialized)
+
+
 def device_guard(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensors' device (multi-GPU processes)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Triton launches on the current CUDA device: make it the tensors' device (multi-GPU processes; with one
+    visible GPU it is the current one already, and switching costs host time on every call)."""
+    global _several_gpus
+    if not t.is_cuda:
+        return _NO_GUARD
+    if _several_gpus is None:
+        _several_gpus = torch.cuda.device_count() > 1
+    return torch.cuda.device(t.device) if _several_gpus else _NO_GUARD
 
 
 def triton_lora_forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float,

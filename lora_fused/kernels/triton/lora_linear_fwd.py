@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -124,7 +126,13 @@ _KERNEL = tuned(
 
 
 def slice_args(lora_slices, N: int):
-    """``(T, [off0, n0, boff0, off1, n1, boff1, off2, n2, boff2])`` from the flat ``[off_0, n_0, …]`` list."""
+    """``(T, [off0, n0, boff0, off1, n1, boff1, off2, n2, boff2])`` from the flat ``[off_0, n_0, …]`` list (a
+    tuple, cached per layout)."""
+    return _slice_args(tuple(lora_slices), N)
+
+
+@functools.lru_cache(maxsize=1024)
+def _slice_args(lora_slices: tuple, N: int):
     T = len(lora_slices) // 2
     if not 1 <= T <= 3 or len(lora_slices) != 2 * T:
         raise ValueError(f"lora_slices must describe 1 to 3 targets, got {list(lora_slices)}")
@@ -135,7 +143,7 @@ def slice_args(lora_slices, N: int):
             raise ValueError(f"lora_slices {list(lora_slices)} fall outside the {N} output columns")
         out += [off, n, b_off]
         b_off += n
-    return T, out + [0, 0, b_off] * (3 - T)
+    return T, tuple(out + [0, 0, b_off] * (3 - T))
 
 
 def lora_linear_fwd(x, weight, bias, h, lora_B, scaling: float, lora_slices) -> torch.Tensor:
