@@ -181,3 +181,37 @@ def test_deterministic_mode_bitwise_on_gpu():
     finally:
         torch.use_deterministic_algorithms(False)
     assert torch.equal(runs[0][3], runs[1][3]) and torch.equal(runs[0][4], runs[1][4])
+
+
+@pytest.mark.parametrize("tma", ["1", "0"])
+def test_direct_launches_match_the_jit_bitwise(monkeypatch, tma):
+    """A repeated call launches its compiled kernels directly (the launchers' direct tables fill up) and gives
+    bit for bit what the same call gives through Triton's JIT, forward and backward, with dropout: persistent
+    kernels and pointer kernels (dA and dB in their fixed-order mode: float atomics differ from run to run)."""
+    from lora_fused.kernels.triton import _common, lora_linear
+    from lora_fused.kernels.triton.lora_linear import triton_lora_backward, triton_lora_forward
+
+    monkeypatch.setenv("LORA_FUSED_TRITON_TMA", tma)
+    monkeypatch.setattr(lora_linear, "deterministic", lambda: True)
+    M, K, N, r, slices = 300, 256, 384, 8, [0, 128, 256, 128]
+    x, W, b, A, B = _inputs(M, K, N, r, slices, torch.bfloat16)
+    g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    seed = torch.tensor([7], device="cuda")
+
+    def step():
+        y, h = triton_lora_forward(x, W, b, A, B, 2.0, 0.1, seed, slices)
+        grads = triton_lora_backward(g, x, W, A, B, h, 2.0, 0.1, seed, slices, (True, False, False, True, True))
+        return [y, h] + [t for t in grads if t is not None]
+
+    def set_direct(enabled):
+        for launcher in list(_common._LAUNCHERS.values()):
+            launcher.direct = {} if enabled else None
+
+    set_direct(False)
+    through_jit = step()
+    set_direct(True)
+    step()  # fills the direct tables
+    direct = step()
+    assert any(launcher.direct for launcher in _common._LAUNCHERS.values())
+    for a, b_ in zip(through_jit, direct):
+        assert torch.equal(a, b_)

@@ -36,6 +36,7 @@ from typing import Iterator, List, Optional
 
 import torch
 
+from .._env import raw_reader
 from .._errors import BackendUnavailableError
 
 BACKEND_ORDER = ("cuda", "triton", "torch")
@@ -146,15 +147,7 @@ def select_backend(requested: str, x: torch.Tensor, weight: torch.Tensor, lora_A
 
 _selection_cache: dict = {}
 _BIG = 2**31
-_ENV = "LORA_FUSED_BACKEND"
-try:  # CPython's os.environ keeps its values in a dict: reading it there skips Mapping.get's KeyError path
-    _ENV_DATA, _ENV_KEY = os.environ._data, os.environ.encodekey(_ENV)  # type: ignore[attr-defined]
-except AttributeError:  # another os.environ implementation: read it the ordinary way
-    _ENV_DATA, _ENV_KEY = None, None
-
-
-def _env_raw():
-    return _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else os.environ.get(_ENV)
+_env_raw = raw_reader("LORA_FUSED_BACKEND")  # the raw value: part of the selection cache's key
 
 
 def backend_for(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor):
@@ -172,8 +165,7 @@ def backend_for(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
 def backend_for_parts(device, dtype, a_shape, b_shape, x, weight, lora_A, lora_B):
     """:func:`backend_for` with ``x.device``, ``x.dtype``, ``lora_A.shape`` and ``lora_B.shape`` already read
     by the caller (the op's fast path has them)."""
-    key = (_context_choice.get(), _process_default, _ENV_DATA.get(_ENV_KEY) if _ENV_DATA is not None else _env_raw(),
-           device, dtype, a_shape, b_shape)
+    key = (_context_choice.get(), _process_default, _env_raw(), device, dtype, a_shape, b_shape)
     hit = _selection_cache.get(key)
     if hit is None or x.numel() >= _BIG or weight.numel() >= _BIG:
         hit = _select_and_remember(key, x, weight, lora_A, lora_B)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import weakref
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -28,6 +27,7 @@ import triton
 import triton.language as tl
 from triton.runtime import _allocation
 
+from ..._env import switch
 from ..reference.dropout import dropout_scale, keep_threshold_u16
 
 __all__ = ["keep_tile", "keep_tile_mma", "keep_bits", "unpack_keep", "unpack_keep_mma", "layout_barrier", "interpreting",
@@ -213,9 +213,8 @@ def _arch_key(device: torch.device) -> str:
     return _cuda_arch(_index(device))
 
 
-def tma_env_enabled() -> bool:
-    """``LORA_FUSED_TRITON_TMA=0`` forces the pointer-based kernels (for comparisons and tests)."""
-    return os.environ.get("LORA_FUSED_TRITON_TMA", "1") not in ("0", "", "false", "False")
+# ``LORA_FUSED_TRITON_TMA=0`` forces the pointer-based kernels (for comparisons and tests).
+tma_env_enabled = switch("LORA_FUSED_TRITON_TMA")
 
 
 def tma_ok(device: torch.device, out_cols: int, *tensors) -> bool:
@@ -279,10 +278,9 @@ class _AllocatorScope:
         self.var.reset(self.token)
 
 
-def autotune_enabled() -> bool:
-    """``LORA_FUSED_TRITON_AUTOTUNE=0`` runs the first config (of those that fit the GPU's shared memory) of each
-    list: no benchmarking, fewer compiles."""
-    return os.environ.get("LORA_FUSED_TRITON_AUTOTUNE", "1") not in ("0", "", "false", "False")
+# ``LORA_FUSED_TRITON_AUTOTUNE=0`` runs the first config (of those that fit the GPU's shared memory) of each list:
+# no benchmarking, fewer compiles.
+autotune_enabled = switch("LORA_FUSED_TRITON_AUTOTUNE")
 
 
 # Opt-in shared memory per block by compute-capability major, when torch does not report it.
@@ -332,6 +330,7 @@ class tuned:
     def __init__(self, fn, configs: Dict[str, List["triton.Config"]], key: Sequence[str], reset_to_zero=None,
                  smem=None):
         self.fn, self.configs, self.key, self.reset_to_zero, self.smem = fn, configs, list(key), reset_to_zero, smem
+        self._launchers: dict = {}  # (arch, autotune on) -> its _Launcher: one lookup per call
 
     @functools.lru_cache(maxsize=None)
     def _for(self, arch: str, full: bool):
@@ -350,15 +349,18 @@ class tuned:
     def __call__(self, device: torch.device):
         if _AOT is not None and _AOT["record"]:
             return _Recorder(self, _AOT["launches"])
-        arch = _arch_key(device)
-        tuner = self._for(arch, autotune_enabled())
-        launcher = _LAUNCHERS.get(tuner)
+        arch, full = _arch_key(device), autotune_enabled()
+        launcher = self._launchers.get((arch, full))
         if launcher is None:
-            launcher = _LAUNCHERS[tuner] = _Launcher(tuner, self.key, direct=arch != "interpret")
+            tuner = self._for(arch, full)
+            launcher = _LAUNCHERS.get(tuner)
+            if launcher is None:
+                launcher = _LAUNCHERS[tuner] = _Launcher(tuner, self.key, direct=arch != "interpret")
+            self._launchers[(arch, full)] = launcher
         return launcher
 
 
-_LAUNCHERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # autotuner -> its _Launcher
+_LAUNCHERS: dict = {}  # autotuner -> its _Launcher, for every tuned kernel (the autotuners live as long anyway)
 
 try:  # Triton's launch hooks (profilers such as proton register there); absent before Triton 3.4
     from triton import knobs as _knobs
