@@ -59,15 +59,21 @@ class TritonBackend:
             return f"lora_A has {lora_A.shape[0]} rows: not 1 to {MAX_TARGETS} targets of rank {r}"
         return None
 
-    def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices):
-        from ..kernels.triton import triton_lora_forward
+    # The kernels' drivers, imported on first use (an import statement per call costs host time).
+    _drivers = None
 
-        return triton_lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)
+    def _kernels(self):
+        if TritonBackend._drivers is None:
+            from ..kernels.triton import triton_lora_backward, triton_lora_forward
+
+            TritonBackend._drivers = (triton_lora_forward, triton_lora_backward)
+        return TritonBackend._drivers
+
+    def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices):
+        return self._kernels()[0](x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)
 
     def backward(self, grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, lora_slices, needs):
-        from ..kernels.triton import triton_lora_backward
-
-        return triton_lora_backward(grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, lora_slices, needs)
+        return self._kernels()[1](grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, lora_slices, needs)
 
 
 BACKEND = TritonBackend()

@@ -64,8 +64,7 @@ def triton_lora_forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout
     """``(y, h)`` for x (M, K), weight (N, K), bias (N,)|None, lora_A (T·r, K), lora_B (ΣN_t, r).
 
     The op passes 2-D ``x``; an N-D ``x`` (…, K) is accepted too (leading dims flattened, then restored)."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     with device_guard(x2):
         if (x2.shape[0] and weight.shape[0] and lora_A.shape[0] <= PERSISTENT_MAX_TR
                 and tma_ok(x2.device, weight.shape[0], x2, weight, lora_A)):
@@ -73,6 +72,9 @@ def triton_lora_forward(x, weight, bias, lora_A, lora_B, scaling: float, dropout
         else:
             h = lora_down(x2, lora_A, dropout_p, seed)
             y = lora_linear_fwd(x2, weight, bias, h, lora_B, scaling, lora_slices)
+    if x2 is x:
+        return y, h
+    lead = x.shape[:-1]
     return y.view(*lead, y.shape[1]), h.view(*lead, h.shape[1])
 
 
@@ -89,10 +91,10 @@ def triton_lora_backward(grad_y, x, weight, lora_A, lora_B, h, scaling: float, d
     if h is None and need_dlb:
         raise ValueError("triton_lora_backward: h is needed for dB but was None")
     K = weight.shape[1]
-    dx_shape = (*grad_y.shape[:-1], K)
-    g = grad_y.reshape(-1, grad_y.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1]) if x is not None else None
-    h2 = h.reshape(-1, h.shape[-1]) if h is not None else None
+    flat = grad_y.dim() == 2  # the op's eager route passes 2-D tensors
+    g = grad_y if flat else grad_y.reshape(-1, grad_y.shape[-1])
+    x2 = x if x is None or x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    h2 = h if h is None or h.dim() == 2 else h.reshape(-1, h.shape[-1])
     det = deterministic()
     dx = dA32 = dB32 = None
     with device_guard(g):
@@ -109,7 +111,7 @@ def triton_lora_backward(grad_y, x, weight, lora_A, lora_B, h, scaling: float, d
                                       need_dlb, det)
             dx = lora_bwd_dx(g, weight, dh, lora_A, dropout_p, seed) if need_dx else None
             dA32 = lora_bwd_da(x2, dh, dropout_p, seed, det) if need_da else None
-    dx = dx.view(dx_shape) if need_dx else None
+    dx = (dx if flat else dx.view(*grad_y.shape[:-1], K)) if need_dx else None
     dA = dA32.to(lora_A.dtype) if need_da else None
     # the persistent kernel's dA and dB share one scratch buffer: in fp32 (no conversion) copy the small dB
     dB = dB32.to(lora_B.dtype, copy=need_da) if need_dlb else None
