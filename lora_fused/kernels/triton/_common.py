@@ -397,7 +397,7 @@ class _Launcher:
       is registered (a profiler gets the JIT's path); a call site must pass each argument with one Python type
       (an int stays an int), as ours do."""
 
-    __slots__ = ("tuner", "run", "key_at", "best", "direct", "names", "defaults", "lead")
+    __slots__ = ("tuner", "run", "key_at", "best", "direct", "seen", "names", "defaults", "lead")
 
     def __init__(self, tuner, key: Sequence[str], direct: bool = True):
         self.tuner = tuner
@@ -405,9 +405,11 @@ class _Launcher:
         names = list(tuner.fn.arg_names)
         self.key_at = [(names.index(k), k) for k in key]
         self.best: dict = {}
+        # fingerprint -> (compiled kernel, arguments after the positional ones, the grid function's argument)
         self.direct: Optional[dict] = {} if direct and _knobs is not None else None
+        self.seen: dict = {}  # fingerprints launched once through the JIT (insertion-ordered, capped)
         self.names = names
-        self.lead = 0  # how many leading positional arguments are tensors (learned from the first recorded call)
+        self.lead: Optional[int] = None  # how many leading positional arguments are tensors (from the first call)
         params = getattr(tuner.fn, "signature", None)
         self.defaults = ({n: p.default for n, p in params.parameters.items() if p.default is not p.empty}
                          if params is not None else {})
@@ -415,23 +417,32 @@ class _Launcher:
     def __getitem__(self, grid):
         return functools.partial(self._launch, grid)
 
+    def _fingerprint(self, args, kwargs):
+        """``(device, (dtype, address mod 16) of each leading tensor, every later argument, the keyword arguments)``,
+        or None when the call does not have that layout (a non-tensor among the leading arguments raises, a tensor
+        among the later ones is refused on the JIT's path below) or holds something unhashable."""
+        lead = self.lead
+        if lead is None:
+            lead = self.lead = next((i for i, a in enumerate(args) if not isinstance(a, torch.Tensor)), len(args))
+        try:
+            fingerprint = (triton.runtime.driver.active.get_current_device(),
+                           *[(a.dtype, a.data_ptr() & 15) for a in args[:lead]], *args[lead:], *kwargs.items())
+            hash(fingerprint)
+        except (AttributeError, TypeError):
+            return None
+        return fingerprint
+
     def _launch(self, grid, *args, **kwargs):
         fingerprint = None
         if self.direct is not None and _hooks_idle():
-            device = triton.runtime.driver.active.get_current_device()
-            lead = self.lead
-            try:  # the leading tensors by dtype and alignment, every later argument by value
-                fingerprint = (device, *[(a.dtype, a.data_ptr() & 15) for a in args[:lead]], *args[lead:],
-                               *kwargs.items())
-                hit = self.direct.get(fingerprint)
-            except (AttributeError, TypeError):  # not a tensor where one led before, or unhashable: the JIT's path
-                fingerprint = hit = None
+            fingerprint = self._fingerprint(args, kwargs)
+            hit = self.direct.get(fingerprint) if fingerprint is not None else None
             if hit is not None:
                 kernel, tail, meta = hit
                 g = grid(meta) if callable(grid) else grid
                 run = kernel.run  # loads the module on first use
                 run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1,
-                    triton.runtime.driver.active.get_current_stream(device), kernel.function,
+                    triton.runtime.driver.active.get_current_stream(fingerprint[0]), kernel.function,
                     kernel.packed_metadata, None, None, None, *args, *tail)
                 return kernel
         n = len(args)
@@ -443,8 +454,14 @@ class _Launcher:
             config = self.best[key] = self.tuner.best_config.all_kwargs()
         else:
             kernel = self.run(*args, grid=grid, warmup=False, **kwargs, **config)
-        if fingerprint is not None:
-            self._remember(fingerprint, kernel, config, args, kwargs)
+        if fingerprint is not None and not any(isinstance(a, torch.Tensor) for a in args[self.lead:]):
+            # kept on its second sighting: a workload whose shapes never repeat records nothing
+            if fingerprint in self.seen:
+                self._remember(fingerprint, kernel, config, args, kwargs)
+            else:
+                if len(self.seen) >= DIRECT_MAX:
+                    self.seen.clear()
+                self.seen[fingerprint] = None
         return kernel
 
     def _remember(self, fingerprint, kernel, config: dict, args, kwargs) -> None:
@@ -453,14 +470,6 @@ class _Launcher:
         of this fingerprint) and the grid function's argument (scalars only: no tensor is kept alive)."""
         if not all(hasattr(kernel, a) for a in ("run", "function", "packed_metadata")):
             return
-        lead = next((i for i, a in enumerate(args) if not isinstance(a, torch.Tensor)), len(args))
-        if any(isinstance(a, torch.Tensor) for a in args[lead:]):
-            return  # a tensor after the leading ones would enter the fingerprint by identity
-        if lead != self.lead:  # the fingerprint's layout changes: earlier entries no longer match
-            self.direct.clear()
-            self.lead = lead
-            fingerprint = (fingerprint[0], *[(a.dtype, a.data_ptr() & 15) for a in args[:lead]], *args[lead:],
-                           *kwargs.items())
         tail, meta = [], {}
         for i, name in enumerate(self.names):
             if i < len(args):

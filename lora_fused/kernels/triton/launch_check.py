@@ -14,7 +14,8 @@ Each launch of the checked round runs twice: through Triton's JIT (the launcher'
 then directly (``_common._Launcher``). The check fails unless every direct launch finds its entry and passes the
 same grid, stream, kernel function, kernel metadata and argument list as the JIT (tensors by identity, scalars by
 type and value). The JIT also passes its launch metadata and hook chains; with no hook registered they call
-nothing, and the direct launch passes None for them.
+nothing, and the direct launch passes None for them. The launchers' tables must hold no tensor (they would keep
+it alive).
 
 Timing: µs per call of the forward and backward drivers on a tiny layer, through the JIT and directly: the Python
 host work only (on a GPU each launch adds the driver's own cost). Exit status 1 when a check fails.
@@ -193,6 +194,17 @@ def _set_direct(enabled: bool, saved: Dict) -> None:
             launcher.direct = None
 
 
+def _tensors_held() -> int:
+    """Tensors referenced by any launcher's direct table or sighting record (fingerprints, grid arguments)."""
+    count = 0
+    for launcher in _common._LAUNCHERS.values():
+        for fingerprint, entry in (launcher.direct or {}).items():
+            count += sum(isinstance(v, torch.Tensor) for v in (*fingerprint, *entry[1], *entry[2].values()))
+        for fingerprint in launcher.seen:
+            count += sum(isinstance(v, torch.Tensor) for v in fingerprint)
+    return count
+
+
 def _paired_launch(original):
     """A ``_Launcher._launch`` that launches through the JIT and then directly, for comparison."""
 
@@ -235,8 +247,9 @@ def run_check(arch: int = 90, calls: int = 300) -> Tuple[bool, List[str]]:
         with _common.aot_capture(arch, SMS[arch], SMEM_LIMIT[arch], record=False):
             for label, dtype, x_shape, K, N, r, sl, p, bias in SCENARIOS:
                 forward, backward = _step(_inputs(dtype, x_shape, K, N, r, sl, bias), p, sl)
-                _, h = forward()  # first calls: compile, tune, fill the direct tables
-                backward(h)
+                for _ in range(2):  # compile and tune, then fill the direct tables (an entry's second sighting)
+                    _, h = forward()
+                    backward(h)
                 LAUNCHES.clear()
                 original = _common._Launcher._launch
                 _common._Launcher._launch = _paired_launch(original)
@@ -277,6 +290,10 @@ def run_check(arch: int = 90, calls: int = 300) -> Tuple[bool, List[str]]:
         else:
             os.environ["LORA_FUSED_TRITON_AUTOTUNE"] = saved_autotune
         LAUNCHES.clear()
+    held = _tensors_held()
+    if held:
+        ok = False
+        lines.append(f"  FAIL the launchers' tables hold {held} tensor(s) (they must keep none alive)")
     lines.append("")
     lines.append("launch check: " + ("every direct launch matches the JIT's" if ok else "FAILED"))
     return ok, lines
