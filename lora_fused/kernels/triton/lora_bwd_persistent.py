@@ -293,9 +293,9 @@ def lora_bwd_persistent(g, weight, lora_A, lora_B, h, x, scaling: float, dropout
         nf = cdiv(parts, 4) * 4
         na, nb = (TR * K if need_da else 0), (NB * R if need_db else 0)
         buf = torch.zeros(nf + na + nb, **f32)
-        flags = buf[:nf].view(torch.int32)
-        da = buf[nf:nf + na].view(TR, K) if need_da else None
-        db = buf[nf + na:].view(NB, R) if need_db else None
+        flags = buf.view(torch.int32)  # the kernel reads its first cdiv(M, BLOCK_M) ≤ nf words
+        da = buf.as_strided((TR, K), (K, 1), nf) if need_da else None
+        db = buf.as_strided((NB, R), (R, 1), nf + na) if need_db else None
     programs = sm_count(dev)
     used = {}
 
