@@ -216,7 +216,7 @@ L=$(limit_for 60)
 if [ "$L" -ge 20 ]; then
   timeout "$L" $PY -m benchmarks.host_profile --device "$DEVICE" --backends "$BACKEND_LIST" --steps 300 \
     --out "$RES/host_profile" > "$RES/host_profile.log" 2>&1
-  STATUS+=("host_profile: rc=$? ($(grep -h '^## backend' "$RES"/host_profile/*.txt 2>/dev/null | sed 's/^## backend //; s/ of profiled host time per step.*//' | tr '\n' ';'))")
+  STATUS+=("host_profile: rc=$? ($(grep -h '^## backend' "$RES"/host_profile/*.txt 2>/dev/null | sed 's/^## backend //' | tr '\n' ';'))")
 fi
 
 # 3c. which kernels hold a headline step's time, per method (torch.profiler) ---------------------------------------

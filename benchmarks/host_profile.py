@@ -6,8 +6,9 @@ The host-overhead table (:mod:`benchmarks.host_overhead`) says how long a step t
 which Python functions (and which calls into C: kernel launches, allocations) the time is spent in, so a slow
 launch path can be fixed from one GPU run. Shape and settings as in that table: ``LoRALinear`` 8x16->16, r=4,
 p=0.1, the suite's dtype (bf16 on CUDA), ``x`` requiring grad. Each backend is warmed up first (compiles,
-autotuning), then profiled; the report lists the top functions by own time and by cumulative time, with the
-per-step time of each.
+autotuning), timed without the profiler (for Triton also with its direct launches switched off: every launch
+through Triton's JIT), then profiled; the report lists the top functions by own time and by cumulative time,
+with the per-step time of each.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import cProfile
 import io
 import os
 import pstats
+import time
 
 import torch
 
@@ -37,10 +39,33 @@ def profile_backend(backend: str, device: str, dtype: torch.dtype, steps: int, t
         m.lora_A.grad = m.lora_B.grad = None
         m(x).backward(g)
 
+    def per_step_us() -> float:  # unprofiled, best of 3 runs of ``steps`` steps
+        best = float("inf")
+        for _ in range(3):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            sync()
+            best = min(best, (time.perf_counter() - t0) / steps * 1e6)
+        return best
+
     with lora_fused.use_backend(backend):
         for _ in range(20):
             step()
         sync()
+        timing = f"{per_step_us():.1f} µs per step unprofiled"
+        if backend == "triton":  # the same steps with every launch through Triton's JIT (no direct launches)
+            from lora_fused.kernels.triton import _common
+
+            tables = {launcher: launcher.direct for launcher in _common._LAUNCHERS.values()}
+            for launcher in tables:
+                launcher.direct = None
+            try:
+                timing += f" ({per_step_us():.1f} through Triton's JIT launch path)"
+            finally:
+                for launcher, table in tables.items():
+                    launcher.direct = table
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(steps):
@@ -50,7 +75,7 @@ def profile_backend(backend: str, device: str, dtype: torch.dtype, steps: int, t
     out = io.StringIO()
     stats = pstats.Stats(prof, stream=out)
     total_us = stats.total_tt / steps * 1e6
-    out.write(f"## backend {backend}: {total_us:.1f} µs of profiled host time per step ({steps} steps)\n")
+    out.write(f"## backend {backend}: {total_us:.1f} µs of profiled host time per step ({steps} steps); {timing}\n")
     for order in ("tottime", "cumulative"):
         out.write(f"\n### top {top} by {order} (times are for all {steps} steps)\n")
         stats.sort_stats(order).print_stats(top)
