@@ -393,9 +393,10 @@ class _Launcher:
       runs and how (the current device, every scalar argument's value, every tensor's dtype and 16-byte
       alignment, the keyword arguments) launches that earlier call's compiled kernel itself, with the same
       argument list the JIT built for it: Triton's per-call binding, specialization, cache lookup and launch
-      metadata are skipped. The grid function still runs on every call. Taken only while no Triton launch hook
-      is registered (a profiler gets the JIT's path); a call site must pass each argument with one Python type
-      (an int stays an int), as ours do."""
+      metadata are skipped. A call is recorded on its second sighting, and the grid function still runs on every
+      call. Taken only while no Triton launch hook is registered (a profiler gets the JIT's path). The kernels'
+      call sites pass their tensors first and each argument with one Python type (an int stays an int); a call
+      with a tensor among the later arguments always takes the JIT's path."""
 
     __slots__ = ("tuner", "run", "key_at", "best", "direct", "seen", "names", "defaults", "lead")
 
