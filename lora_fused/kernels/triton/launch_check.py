@@ -17,8 +17,9 @@ type and value). The JIT also passes its launch metadata and hook chains; with n
 nothing, and the direct launch passes None for them. The launchers' tables must hold no tensor (they would keep
 it alive).
 
-Timing: µs per call of the forward and backward drivers on a tiny layer, through the JIT and directly: the Python
-host work only (on a GPU each launch adds the driver's own cost). Exit status 1 when a check fails.
+Timing: µs per call of the forward and backward drivers on a tiny layer, and of a whole ``LoRALinear`` training step
+and eval forward on the Triton backend, through the JIT and directly: the Python host work only (on a GPU each
+launch adds the driver's own cost). Exit status 1 when a check fails.
 Needs Triton 3.6 or later; unset TRITON_INTERPRET.
 """
 
@@ -77,6 +78,7 @@ class _Launch:
 
 
 LAUNCHES: List[_Launch] = []
+_RECORDING = [False]  # launches are kept only during the compared round (not while timing)
 
 
 class _StandInLauncher:
@@ -93,7 +95,8 @@ class _StandInLauncher:
             from triton.runtime import _allocation
 
             _allocation._allocator.get()(gx * gy * gz * self.ctas * self.scratch, self.align, stream)
-        LAUNCHES.append(_Launch((gx, gy, gz), stream, function, metadata, enter_hook is not None, args))
+        if _RECORDING[0]:
+            LAUNCHES.append(_Launch((gx, gy, gz), stream, function, metadata, enter_hook is not None, args))
 
 
 class _StandInUtils:
@@ -229,6 +232,56 @@ def _per_call_us(fn, calls: int) -> float:
     return best * 1e6
 
 
+def _module_steps(calls: int) -> List[str]:
+    """Report lines: µs per call of a whole ``LoRALinear`` fp16 8×16→16, r=4 (module, op layer, drivers) on the
+    Triton backend, training step and eval forward, directly and through the JIT. The backend's device checks are
+    lifted for the block (CPU tensors stand for the GPU's here) and its cached choices dropped before and after."""
+    import lora_fused
+    from lora_fused import backends
+    from lora_fused.backends.triton_backend import TritonBackend
+
+    checks = (TritonBackend.reject_reason, TritonBackend.unavailable_reason)
+    TritonBackend.reject_reason = lambda self, *args: None
+    TritonBackend.unavailable_reason = lambda self: None
+    backends._selection_cache.clear()
+    lines = ["", "`LoRALinear` fp16 8×16→16, r=4, on the Triton backend (module, op layer, drivers), µs per call:", "",
+             "| p | fwd+bwd JIT | fwd+bwd direct | eval fwd JIT | eval fwd direct |", "|---|---|---|---|---|"]
+    try:
+        for p in (0.0, 0.1):
+            torch.manual_seed(0)
+            m = lora_fused.LoRALinear(16, 16, r=4, lora_alpha=8, lora_dropout=p).to(torch.float16).train()
+            x = torch.randn(8, 16, dtype=torch.float16, requires_grad=True)
+            g = torch.randn(8, 16, dtype=torch.float16)
+            params = [t for t in m.parameters() if t.requires_grad]
+
+            def step():
+                x.grad = None
+                for t in params:
+                    t.grad = None
+                m(x).backward(g)
+
+            def forward():
+                with torch.no_grad():
+                    m(x)
+
+            with lora_fused.use_backend("triton"):
+                for _ in range(3):
+                    step()
+                    forward()
+                saved: Dict = {}
+                _set_direct(False, saved)
+                try:
+                    jit = (_per_call_us(step, calls), _per_call_us(forward, calls))
+                finally:
+                    _set_direct(True, saved)
+                direct = (_per_call_us(step, calls), _per_call_us(forward, calls))
+            lines.append(f"| {p:g} | {jit[0]:.1f} | {direct[0]:.1f} | {jit[1]:.1f} | {direct[1]:.1f} |")
+    finally:
+        TritonBackend.reject_reason, TritonBackend.unavailable_reason = checks
+        backends._selection_cache.clear()
+    return lines
+
+
 def run_check(arch: int = 90, calls: int = 300) -> Tuple[bool, List[str]]:
     """``(ok, report lines)``: the launch comparison and host times of every scenario."""
     if _common.interpreting():
@@ -239,8 +292,11 @@ def run_check(arch: int = 90, calls: int = 300) -> Tuple[bool, List[str]]:
     os.environ["LORA_FUSED_TRITON_AUTOTUNE"] = "0"  # one config per kernel: fewer compiles, nothing to time
     previous = getattr(driver, "_active", None)  # None until a driver was needed (none can be made without a GPU)
     driver.set_active(_StandInDriver(arch))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # host time of one thread, as the suite's host-overhead table measures it
     ok = True
-    lines = [f"Triton {triton.__version__}, sm_{arch} (stand-in driver), {calls} calls per timing", "",
+    lines = [f"Triton {triton.__version__}, sm_{arch} (stand-in driver), one thread, best of 3 × {calls} calls per timing",
+             "",
              "| scenario | kernels | launches checked | fwd µs JIT | fwd µs direct | bwd µs JIT | bwd µs direct |",
              "|---|---|---|---|---|---|---|"]
     try:
@@ -253,11 +309,13 @@ def run_check(arch: int = 90, calls: int = 300) -> Tuple[bool, List[str]]:
                 LAUNCHES.clear()
                 original = _common._Launcher._launch
                 _common._Launcher._launch = _paired_launch(original)
+                _RECORDING[0] = True
                 try:
                     _, h = forward()
                     backward(h)
                 finally:
                     _common._Launcher._launch = original
+                    _RECORDING[0] = False
                 problems = []
                 if not LAUNCHES or len(LAUNCHES) % 2:
                     problems.append(f"{len(LAUNCHES)} launches recorded")
@@ -283,8 +341,10 @@ def run_check(arch: int = 90, calls: int = 300) -> Tuple[bool, List[str]]:
                 if problems:
                     ok = False
                     lines += [f"  FAIL {label}: {msg}" for msg in problems]
+            lines += _module_steps(calls)
     finally:
         driver._active = previous
+        torch.set_num_threads(threads)
         if saved_autotune is None:
             os.environ.pop("LORA_FUSED_TRITON_AUTOTUNE", None)
         else:
