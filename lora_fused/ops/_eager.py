@@ -92,18 +92,13 @@ class _LoRAFunction(torch.autograd.Function):
                     "operation between forward and backward"
                 )
         scaling, dropout_p, lora_slices, impl = ctx.hyper
-        if grad_y.dim() == 2:
-            dx, dW, db, dA, dB = impl.backward(
-                grad_y.contiguous(), x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, lora_slices,
-                ctx.needs_input_grad[:GRAD_INPUTS],
-            )
-        else:
-            dx, dW, db, dA, dB = impl.backward(
-                rows(grad_y).contiguous(), rows(x) if x is not None else None, weight, lora_A, lora_B, h, scaling,
-                dropout_p, seed, lora_slices, ctx.needs_input_grad[:GRAD_INPUTS],
-            )
-            if dx is not None:
-                dx = unflatten(dx, (*grad_y.shape[:-1], weight.shape[1]))
+        flat = grad_y.dim() == 2  # x has grad_y's leading dimensions
+        dx, dW, db, dA, dB = impl.backward(
+            (grad_y if flat else rows(grad_y)).contiguous(), x if flat or x is None else rows(x), weight, lora_A,
+            lora_B, h, scaling, dropout_p, seed, lora_slices, ctx.needs_input_grad[:GRAD_INPUTS],
+        )
+        if dx is not None and not flat:
+            dx = unflatten(dx, (*grad_y.shape[:-1], weight.shape[1]))
         return dx, dW, db, dA, dB, None, None
 
 
@@ -117,7 +112,6 @@ def run(x, weight, bias, lora_A, lora_B, seed, scaling: float, dropout_p: float,
         or (bias is not None and bias.requires_grad)
     ):
         return _LoRAFunction.apply(x, weight, bias, lora_A, lora_B, seed, (scaling, dropout_p, lora_slices, impl))
-    if x.dim() == 2:
-        return impl.forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)[0]
-    y, _ = impl.forward(rows(x), weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)
-    return unflatten(y, (*x.shape[:-1], weight.shape[0]))
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    y = impl.forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)[0]
+    return y if x2 is x else unflatten(y, (*x.shape[:-1], weight.shape[0]))
