@@ -56,16 +56,10 @@ def profile_backend(backend: str, device: str, dtype: torch.dtype, steps: int, t
         sync()
         timing = f"{per_step_us():.1f} µs per step unprofiled"
         if backend == "triton":  # the same steps with every launch through Triton's JIT (no direct launches)
-            from lora_fused.kernels.triton import _common
+            from lora_fused.kernels.triton._common import jit_launches
 
-            tables = {launcher: launcher.direct for launcher in _common._LAUNCHERS.values()}
-            for launcher in tables:
-                launcher.direct = None
-            try:
+            with jit_launches():
                 timing += f" ({per_step_us():.1f} through Triton's JIT launch path)"
-            finally:
-                for launcher, table in tables.items():
-                    launcher.direct = table
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(steps):

@@ -203,13 +203,8 @@ def test_direct_launches_match_the_jit_bitwise(monkeypatch, tma):
         grads = triton_lora_backward(g, x, W, A, B, h, 2.0, 0.1, seed, slices, (True, False, False, True, True))
         return [y, h] + [t for t in grads if t is not None]
 
-    def set_direct(enabled):
-        for launcher in list(_common._LAUNCHERS.values()):
-            launcher.direct = {} if enabled else None
-
-    set_direct(False)
-    through_jit = step()
-    set_direct(True)
+    with _common.jit_launches():
+        through_jit = step()
     step()
     step()  # a call's second sighting fills the direct tables
     direct = step()

@@ -362,6 +362,20 @@ class tuned:
 
 _LAUNCHERS: dict = {}  # autotuner -> its _Launcher, for every tuned kernel (the autotuners live as long anyway)
 
+
+@contextlib.contextmanager
+def jit_launches():
+    """Within the block every existing launcher launches through Triton's JIT (its direct table is set aside and
+    restored afterwards): the reference side of comparisons and timings of the direct launches."""
+    tables = {launcher: launcher.direct for launcher in _LAUNCHERS.values()}
+    for launcher in tables:
+        launcher.direct = None
+    try:
+        yield
+    finally:
+        for launcher, table in tables.items():
+            launcher.direct = table
+
 try:  # Triton's launch hooks (profilers such as proton register there); absent before Triton 3.4
     from triton import knobs as _knobs
 except ImportError:  # pragma: no cover - older Triton: no direct launches

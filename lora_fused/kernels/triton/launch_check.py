@@ -30,7 +30,7 @@ import os
 import sys
 import time
 import zlib
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 import triton
@@ -186,17 +186,6 @@ def _step(inputs, p: float, lora_slices):
     return forward, backward
 
 
-def _set_direct(enabled: bool, saved: Dict) -> None:
-    """Switch every launcher's direct table off (keeping it in ``saved``) or back on."""
-    for launcher in list(_common._LAUNCHERS.values()):
-        if enabled:
-            if launcher in saved:
-                launcher.direct = saved.pop(launcher)
-        elif launcher.direct is not None:
-            saved[launcher] = launcher.direct
-            launcher.direct = None
-
-
 def _tensors_held() -> int:
     """Tensors referenced by any launcher's direct table or sighting record (fingerprints, grid arguments)."""
     count = 0
@@ -268,12 +257,8 @@ def _module_steps(calls: int) -> List[str]:
                 for _ in range(3):
                     step()
                     forward()
-                saved: Dict = {}
-                _set_direct(False, saved)
-                try:
+                with _common.jit_launches():
                     jit = (_per_call_us(step, calls), _per_call_us(forward, calls))
-                finally:
-                    _set_direct(True, saved)
                 direct = (_per_call_us(step, calls), _per_call_us(forward, calls))
             lines.append(f"| {p:g} | {jit[0]:.1f} | {direct[0]:.1f} | {jit[1]:.1f} | {direct[1]:.1f} |")
     finally:
@@ -327,13 +312,9 @@ def run_check(arch: int = 90, calls: int = 300) -> Tuple[bool, List[str]]:
                         problems.append(f"launch {i}: no direct entry (went through the JIT again)")
                     problems += [f"launch {i}: {d}" for d in direct.same_as(jit)]
                 kernels = len({jit.function for jit, _ in pairs})
-                saved: Dict = {}
-                _set_direct(False, saved)
-                try:
+                with _common.jit_launches():
                     fwd_jit = _per_call_us(forward, calls)
                     bwd_jit = _per_call_us(lambda: backward(h), calls)
-                finally:
-                    _set_direct(True, saved)
                 fwd_direct = _per_call_us(forward, calls)
                 bwd_direct = _per_call_us(lambda: backward(h), calls)
                 lines.append(f"| {label} | {kernels} | {len(pairs)} | {fwd_jit:.1f} | {fwd_direct:.1f} | "
