@@ -212,10 +212,12 @@ def count_reps(ops: Sequence[str], shapes: Sequence[harness.Shape], modes: Seque
     return n
 
 
-def expected_saved_bytes(shape: harness.Shape, dtype: torch.dtype, r: int, n_targets: int = 1, p: float = 0.1) -> int:
-    """The design's saved-for-backward size of lora_fused: ``bytes(x) + bytes(M x T*r)`` (+ 8 for the seed)."""
+def expected_saved_bytes(shape: harness.Shape, dtype: torch.dtype, r: int, n_targets: int = 1, p: float = 0.1,
+                         seed_tensor: bool = True) -> int:
+    """The design's saved-for-backward size of lora_fused: ``bytes(x) + bytes(M x T*r)``, + 8 for the seed when
+    ``p > 0`` and it is a tensor (``seed_tensor=False``: the torch backend's CPU eager route keeps it as an int)."""
     el = torch.empty(0, dtype=dtype).element_size()
-    return shape.M * shape.K * el + shape.M * n_targets * r * el + (8 if p > 0 else 0)
+    return shape.M * shape.K * el + shape.M * n_targets * r * el + (8 if p > 0 and seed_tensor else 0)
 
 
 def fmt_bytes(n: Optional[float]) -> str:

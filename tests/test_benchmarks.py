@@ -112,7 +112,8 @@ def test_saved_bytes_of_lora_fused_is_x_plus_h():
     x = torch.randn(M, K, requires_grad=True)
     got = harness.saved_bytes(lambda: m(x), exclude=list(m.parameters()))
     shape = harness.Shape("t", M, K, N)
-    assert got == suite.expected_saved_bytes(shape, torch.float32, r, p=0.1)  # x + h + 8-byte seed
+    # x + h; the seed is a Python int here (CPU eager route), on the autograd context rather than saved
+    assert got == suite.expected_saved_bytes(shape, torch.float32, r, p=0.1, seed_tensor=False)
 
 
 def test_summarize_median_and_iqr():
@@ -167,7 +168,8 @@ def test_quick_run_writes_all_outputs(tmp_path, capsys):
     # Memory at p=0.1: ours keeps x and h only; the dropped copy PEFT / plain keep makes theirs larger.
     lin = {(r["method"], float(r["p"])): r for r in rows if r["op"] == "linear" and r["mode"] == "fwd+bwd"}
     shape = harness.PRESETS["tiny"]
-    assert int(lin[("lora_fused", 0.1)]["saved_bytes"]) == suite.expected_saved_bytes(shape, torch.float32, 16, p=0.1)
+    assert int(lin[("lora_fused", 0.1)]["saved_bytes"]) == suite.expected_saved_bytes(shape, torch.float32, 16, p=0.1,
+                                                                                      seed_tensor=False)
     assert int(lin[("plain", 0.1)]["saved_bytes"]) > int(lin[("lora_fused", 0.1)]["saved_bytes"])
     assert int(lin[("lora_fused_fa", 0.1)]["saved_bytes"]) <= int(lin[("lora_fused", 0.1)]["saved_bytes"])
     md = (out / "results.md").read_text()

@@ -4,6 +4,7 @@ follows use_backend/set_backend/LORA_FUSED_BACKEND, and the torch backend's on-d
 
 import importlib
 import math
+import threading
 from unittest import mock
 
 import pytest
@@ -63,6 +64,38 @@ def test_eager_route_skips_the_registered_op_and_matches_it(cls):
     m.eval()
     with _Dispatch(), torch.no_grad():
         assert torch.equal(m(x), eager_eval)
+
+
+def test_host_seed_is_the_value_draw_seed_draws(monkeypatch):
+    """The CPU eager route's int seed: for the same generator state, the value of draw_seed's tensor, the rank
+    mixed in alike; in a fresh thread (its own buffer) and under inference mode too."""
+    x = torch.randn(2, 3)
+    for seed in (0, 5, 2**40 + 3):
+        torch.manual_seed(seed)
+        want = [int(op_module.draw_seed(x).item()) for _ in range(4)]
+        torch.manual_seed(seed)
+        got = [op_module.draw_host_seed() for _ in range(4)]
+        assert got == want and len(set(got)) == 4 and all(0 <= s < 2**62 for s in got)
+    out = []
+    torch.manual_seed(1)
+    thread = threading.Thread(target=lambda: out.append(op_module.draw_host_seed()))
+    thread.start()
+    thread.join()
+    torch.manual_seed(1)
+    assert out == [int(op_module.draw_seed(x).item())]
+    torch.manual_seed(1)
+    with torch.inference_mode():
+        assert out == [op_module.draw_host_seed()]
+    # under torch.distributed: the same XOR of the rank's mix into the draw
+    monkeypatch.setattr(op_module, "_DIST_AVAILABLE", True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(op_module, "_distributed_rank", lambda: 3)
+    torch.manual_seed(2)
+    mixed = op_module.draw_host_seed()
+    torch.manual_seed(2)
+    assert mixed == int(op_module.draw_seed(x).item())
+    torch.manual_seed(2)
+    assert mixed != int(torch.randint(2**62, (1,)).item()) and 0 <= mixed < 2**62
 
 
 def test_registered_op_is_used_under_a_dispatch_mode():

@@ -3,7 +3,8 @@ backend: under the interpreter on CPU, compiled on a GPU; the CUDA backend on a 
 
 For each combination of A / B frozen or trainable, x requiring grad or not, a trainable base weight, p = 0 and
 p > 0, on ``LoRALinear`` and ``LoRAQKV``: the bytes autograd saves are asserted exactly (x only for dA or dW, h
-only for dB, the 8-byte seed only for the mask of dx or dA), and every gradient that is computed matches float64
+only for dB, the seed only for the mask of dx or dA: an 8-byte tensor, or a Python int on the autograd context on
+the torch backend's CPU eager route), and every gradient that is computed matches float64
 math built from the backend's own dropout mask, through the eager route and the registered op. Then LoRA-FA at module level (the module keyword and
 ``inject_lora(..., lora_fa=True)``): nothing saved but ``h`` and seeds, no LoRA input among the saved tensors,
 and every gradient against float64 math through the whole model.
@@ -81,6 +82,20 @@ def kernel_keep_mask(backend: str, seed: torch.Tensor, rows: int, cols: int, p: 
     return get_backend_impl(backend).keep_mask(seed, rows, cols, p)
 
 
+def context_seeds(out: torch.Tensor) -> int:
+    """How many seeds the autograd graph behind ``out`` keeps as Python ints on its nodes' contexts (the eager
+    route of a backend that declares ``cpu_int_seed``, on CPU tensors) rather than as saved tensors."""
+    seen, stack, count = set(), [out.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += hasattr(node, "host_seed")
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return count
+
+
 def count_saved(fn, exclude, ptrs=None):
     """``(bytes, seeds, out)``: bytes of every distinct storage ``saved_tensors_hooks`` sees while ``fn()`` runs
     (one-element tensors included, storages of ``exclude`` left out), and how many one-element int64 tensors
@@ -148,9 +163,10 @@ def test_saved_bytes_and_gradients(backend, device, dtype, route, cls, p, a_trai
     keep_x = a_trains or w_trains  # dA and dW need x
     keep_h = b_trains  # dB needs h
     keep_seed = p > 0 and (x_grad or a_trains)  # the mask of dx or dA
-    expected = (x.numel() * el if keep_x else 0) + (M * n_h * el if keep_h else 0) + (8 if keep_seed else 0)
+    int_seeds = context_seeds(y)  # seeds kept as ints (CPU eager route of the torch backend): no tensor
+    expected = (x.numel() * el if keep_x else 0) + (M * n_h * el if keep_h else 0) + 8 * (int(keep_seed) - int_seeds)
     assert nbytes == expected, (nbytes, expected)
-    assert n_seeds == int(keep_seed)
+    assert n_seeds + int_seeds == int(keep_seed), (n_seeds, int_seeds)
 
     g = torch.randn(y.shape, generator=gen).to(device=device, dtype=dtype)
     with use_backend(backend):
@@ -237,8 +253,9 @@ def test_lora_fa_model_saves_h_only_and_gradients_match(backend, device, dtype, 
     # h of each layer (M x T·r); a seed where the mask is needed: proj's input requires grad (qkv's B trains),
     # qkv's only when x does
     seeds = (int(x_grad) + 1) if p > 0 else 0
-    assert nbytes == M * (2 * R + R) * el + 8 * seeds
-    assert n_seeds == seeds
+    int_seeds = context_seeds(y)
+    assert nbytes == M * (2 * R + R) * el + 8 * (seeds - int_seeds)
+    assert n_seeds + int_seeds == seeds
     assert not {t.untyped_storage().data_ptr() for t in inputs} & seen_ptrs, "a LoRA input was saved"
 
     g = torch.randn(y.shape, generator=gen).to(device=device, dtype=dtype)
@@ -286,14 +303,14 @@ def test_lora_fa_on_a_real_model_drops_exactly_the_lora_inputs():
             if isinstance(mod, lf.LoRABase):
                 mod.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
         ptrs = set()
-        nbytes, seeds, _ = count_saved(lambda model=model: model(img),
-                                   exclude=list(model.parameters()) + list(model.buffers()), ptrs=ptrs)
+        nbytes, seeds, out = count_saved(lambda model=model: model(img),
+                                         exclude=list(model.parameters()) + list(model.buffers()), ptrs=ptrs)
         input_ptrs = {t.untyped_storage().data_ptr() for t in inputs}
-        measured[fa] = (nbytes, seeds, sum(t.untyped_storage().nbytes() for t in inputs), input_ptrs & ptrs,
-                        input_ptrs)
-    (std_bytes, std_seeds, x_bytes, std_saved_inputs, std_inputs) = measured[False]
-    (fa_bytes, fa_seeds, _, fa_saved_inputs, _) = measured[True]
+        measured[fa] = (nbytes, seeds, context_seeds(out), sum(t.untyped_storage().nbytes() for t in inputs),
+                        input_ptrs & ptrs, input_ptrs)
+    (std_bytes, std_seeds, std_ints, x_bytes, std_saved_inputs, std_inputs) = measured[False]
+    (fa_bytes, fa_seeds, fa_ints, _, fa_saved_inputs, _) = measured[True]
     assert len(std_inputs) == 6 and std_saved_inputs == std_inputs
     assert not fa_saved_inputs
-    assert (std_seeds, fa_seeds) == (6, 5)
-    assert std_bytes - fa_bytes == x_bytes + 8
+    assert (std_seeds + std_ints, fa_seeds + fa_ints) == (6, 5)
+    assert std_bytes - fa_bytes == x_bytes + 8 * (std_seeds - fa_seeds)

@@ -12,10 +12,12 @@ A backend is an object with:
 * ``auto_device_types``: device types on which ``"auto"`` may pick it (None: any). The Triton backend runs
   CPU tensors under ``TRITON_INTERPRET=1`` when named, but ``"auto"`` picks it on CUDA only;
 * optionally ``auto_skip_reason(device) -> str | None``: why ``"auto"`` passes it over on that device although it
-  could run there (the CUDA backend on GPU generations it has not been validated on).
+  could run there (the CUDA backend on GPU generations it has not been validated on);
+* ``cpu_int_seed``: whether ``forward`` and ``backward`` also take the seed of CPU tensors as a Python ``int``
+  (the eager route then draws one without a tensor: ``lora_fused.ops.lora_linear.draw_host_seed``).
 
-Tensors are 2-D (``x`` is (M, K)); ``seed`` is an int64 tensor of one element on ``x``'s device, or None
-when ``dropout_p == 0``. ``lora_slices`` is described in :mod:`lora_fused.kernels.reference.lora_linear`.
+Tensors are 2-D (``x`` is (M, K)); ``seed`` is an int64 tensor of one element on ``x``'s device (or, where the
+backend declares ``cpu_int_seed``, a Python ``int`` for CPU tensors), or None when ``dropout_p == 0``. ``lora_slices`` is described in :mod:`lora_fused.kernels.reference.lora_linear`.
 
 Selection: ``use_backend`` (context-local, thread-safe) overrides ``set_backend`` (process default), which
 overrides the ``LORA_FUSED_BACKEND`` environment variable; all default to ``"auto"``. ``"auto"`` takes the

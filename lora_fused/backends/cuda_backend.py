@@ -107,6 +107,7 @@ def _rows_operand(t: torch.Tensor, name: str) -> torch.Tensor:
 
 class CudaBackend:
     name = "cuda"
+    cpu_int_seed = False  # the kernels read the seed from a tensor
     # "auto" picks this backend on the GPU generations where its tests passed on hardware and it beat the Triton
     # backend (AUTO_MAJORS; measured in benchmarks/results/h100-2026-11-26), on every GPU it has code for with
     # LORA_FUSED_CUDA_AUTO=1, and never with LORA_FUSED_CUDA_AUTO=0. Naming it ("cuda") always works.

@@ -10,6 +10,7 @@ from ..kernels.reference import lora_linear_backward_ref, lora_linear_forward_re
 
 class TorchBackend:
     name = "torch"
+    cpu_int_seed = True  # the CPU mask is drawn from a Python int seed: the eager route may pass one
 
     def unavailable_reason(self) -> Optional[str]:
         return None
@@ -19,16 +20,17 @@ class TorchBackend:
             return f"dtype {x.dtype} is not a floating-point type"
         return None
 
-    # The seed reaches the reference kernels as a Python integer for CPU tensors (``.item()`` is free there),
-    # as the tensor itself on other devices (hashed there: no host sync, capturable in a CUDA graph).
+    # The seed reaches the reference kernels as a Python integer for CPU tensors (given as one by the eager
+    # route, read with ``.item()``, free there, from the registered op's tensor), as the tensor itself on other
+    # devices (hashed there: no host sync, capturable in a CUDA graph).
 
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices):
-        if dropout_p > 0.0 and x.is_cpu:
+        if dropout_p > 0.0 and seed.__class__ is not int and x.is_cpu:
             seed = seed.item()
         return lora_linear_forward_ref(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)
 
     def backward(self, grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, lora_slices, needs):
-        if dropout_p > 0.0 and grad_y.is_cpu:
+        if dropout_p > 0.0 and seed.__class__ is not int and grad_y.is_cpu:
             seed = seed.item()
         return lora_linear_backward_ref(
             grad_y, x, weight, lora_A, lora_B, h, scaling, dropout_p, seed, lora_slices, needs

@@ -22,6 +22,7 @@ def _interpreting() -> bool:
 
 class TritonBackend:
     name = "triton"
+    cpu_int_seed = False  # the kernels read the seed from a tensor
     auto_device_types = ("cuda",)
 
     def unavailable_reason(self) -> Optional[str]:

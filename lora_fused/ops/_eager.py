@@ -11,7 +11,8 @@ traces or inspects the call still sees the registered op.
 
 Saved for backward (through ``save_for_backward``, so ``saved_tensors_hooks``, activation checkpointing and
 offloading see them): ``x``, ``h`` and the seed when the needed gradients require them (:mod:`._grad_plan`),
-and ``W``, ``A``, ``B`` when they are computed tensors (e.g. autocast casts). Parameters (leaf tensors) are
+and ``W``, ``A``, ``B`` when they are computed tensors (e.g. autocast casts). A seed given as a Python ``int``
+(CPU inputs of a backend that declares ``cpu_int_seed``) is kept on the context instead. Parameters (leaf tensors) are
 kept as plain references, which costs less host time: they are alive anyway, and backward checks that none
 was modified in place in between, as autograd would.
 
@@ -53,7 +54,8 @@ def eligible(x: Tensor) -> bool:
 
 
 class _LoRAFunction(torch.autograd.Function):
-    """Autograd of the eager route. ``hyper`` = (scaling, dropout_p, lora_slices, backend object)."""
+    """Autograd of the eager route. ``seed``: a one-element tensor, a Python ``int`` or None;
+    ``hyper`` = (scaling, dropout_p, lora_slices, backend object)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, seed, hyper):
@@ -66,6 +68,8 @@ class _LoRAFunction(torch.autograd.Function):
             seed, ctx.hyper = None, (scaling, 0.0, lora_slices, impl)  # no mask in backward: dB and dW do not need it
         else:
             ctx.hyper = hyper
+            if seed.__class__ is int:
+                ctx.host_seed, seed = seed, None
         if weight.is_leaf and lora_A.is_leaf and lora_B.is_leaf:
             ctx.save_for_backward(x if need_da or need_dw else None, h if need_dlb else None, seed)
             ctx.params = (weight, lora_A, lora_B)
@@ -92,6 +96,8 @@ class _LoRAFunction(torch.autograd.Function):
                     "operation between forward and backward"
                 )
         scaling, dropout_p, lora_slices, impl = ctx.hyper
+        if seed is None and dropout_p > 0.0:
+            seed = ctx.host_seed
         flat = grad_y.dim() == 2  # x has grad_y's leading dimensions
         dx, dW, db, dA, dB = impl.backward(
             (grad_y if flat else rows(grad_y)).contiguous(), x if flat or x is None else rows(x), weight, lora_A,

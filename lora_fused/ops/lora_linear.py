@@ -23,13 +23,16 @@ Two routes run the same backend functions. ``torch.compile``, ``torch.export``, 
 any active ``TorchDispatchMode`` (e.g. ``FlopCounterMode``) see the registered op. Plain eager calls take a
 shorter route with the same math and the same saved tensors (:mod:`lora_fused.ops._eager`): the
 ``torch.library`` dispatch costs tens of microseconds of host time per layer and step, more than the layer's
-GPU kernels at ViT sizes.
+GPU kernels at ViT sizes. On that route a backend that declares ``cpu_int_seed`` (the torch backend) gets the
+seed of CPU inputs as a Python ``int`` (:func:`draw_host_seed`, the same value :func:`draw_seed` draws), kept
+on the autograd context instead of a saved one-element tensor.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import threading
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -149,6 +152,26 @@ def draw_seed(x: Tensor) -> Tensor:
     return seed
 
 
+_host = threading.local()  # per thread: the one-element int64 tensor draw_host_seed draws into
+
+
+def draw_host_seed() -> int:
+    """:func:`draw_seed` for a CPU input, as a Python ``int``: the same draw from the CPU generator (the same
+    value for the same generator state, the rank mixed in alike), without a tensor to allocate, save for
+    backward and read back; drawn into a per-thread buffer."""
+    try:
+        buf = _host.buf
+    except AttributeError:
+        with torch.inference_mode(False):  # a normal tensor: writable in and outside inference mode
+            buf = _host.buf = torch.empty(1, dtype=torch.int64)
+    seed = buf.random_(0, 2**62).item()  # what torch.randint(2**62, (1,)) draws
+    if _DIST_AVAILABLE and torch.distributed.is_initialized():
+        rank = _distributed_rank()
+        if rank:
+            seed ^= (rank * _RANK_MIX) & (2**62 - 1)
+    return seed
+
+
 _AUTOCAST_DEVICE_TYPES: dict = {}  # device type -> whether torch.autocast exists for it (not for "meta")
 
 
@@ -243,7 +266,8 @@ def lora_apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, lo
                 and b_shape[1] and not a_shape[0] % b_shape[1] and 0.0 <= dropout_p < 1.0 and _eager.eligible(x)):
             impl = backend_for_parts(device, dtype, a_shape, b_shape, x, weight, lora_A, lora_B)
             if training and dropout_p > 0.0:
-                return _eager.run(x, weight, bias, lora_A, lora_B, draw_seed(x), float(scaling), float(dropout_p),
+                seed = draw_host_seed() if impl.cpu_int_seed and x.is_cpu else draw_seed(x)
+                return _eager.run(x, weight, bias, lora_A, lora_B, seed, float(scaling), float(dropout_p),
                                   lora_slices, impl)
             return _eager.run(x, weight, bias, lora_A, lora_B, None, float(scaling), 0.0, lora_slices, impl)
     x, weight, bias, lora_A, lora_B = prepare_inputs(x, weight, bias, lora_A, lora_B, where)
