@@ -17,7 +17,8 @@ A backend is an object with:
   (the eager route then draws one without a tensor: ``lora_fused.ops.lora_linear.draw_host_seed``).
 
 Tensors are 2-D (``x`` is (M, K)); ``seed`` is an int64 tensor of one element on ``x``'s device (or, where the
-backend declares ``cpu_int_seed``, a Python ``int`` for CPU tensors), or None when ``dropout_p == 0``. ``lora_slices`` is described in :mod:`lora_fused.kernels.reference.lora_linear`.
+backend declares ``cpu_int_seed``, a Python ``int`` for CPU tensors), or None when ``dropout_p == 0``.
+``lora_slices`` is described in :mod:`lora_fused.kernels.reference.lora_linear`.
 
 Selection: ``use_backend`` (context-local, thread-safe) overrides ``set_backend`` (process default), which
 overrides the ``LORA_FUSED_BACKEND`` environment variable; all default to ``"auto"``. ``"auto"`` takes the

@@ -20,9 +20,9 @@ class TorchBackend:
             return f"dtype {x.dtype} is not a floating-point type"
         return None
 
-    # The seed reaches the reference kernels as a Python integer for CPU tensors (given as one by the eager
-    # route, read with ``.item()``, free there, from the registered op's tensor), as the tensor itself on other
-    # devices (hashed there: no host sync, capturable in a CUDA graph).
+    # The seed reaches the reference kernels as a Python integer for CPU tensors (the eager route passes one; the
+    # registered op's tensor is read with ``.item()``, free on the CPU), as the tensor itself on other devices
+    # (hashed there: no host sync, capturable in a CUDA graph).
 
     def forward(self, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices):
         if dropout_p > 0.0 and seed.__class__ is not int and x.is_cpu:

@@ -12,9 +12,9 @@ traces or inspects the call still sees the registered op.
 Saved for backward (through ``save_for_backward``, so ``saved_tensors_hooks``, activation checkpointing and
 offloading see them): ``x``, ``h`` and the seed when the needed gradients require them (:mod:`._grad_plan`),
 and ``W``, ``A``, ``B`` when they are computed tensors (e.g. autocast casts). A seed given as a Python ``int``
-(CPU inputs of a backend that declares ``cpu_int_seed``) is kept on the context instead. Parameters (leaf tensors) are
-kept as plain references, which costs less host time: they are alive anyway, and backward checks that none
-was modified in place in between, as autograd would.
+(CPU inputs of a backend that declares ``cpu_int_seed``) is kept on the context instead. Parameters (leaf
+tensors) are kept as plain references, which costs less host time: they are alive anyway, and backward checks
+that none was modified in place in between, as autograd would.
 
 The backend is chosen by :func:`lora_fused.backends.backend_for` (remembered per requested name, device,
 dtype and adapter shape; ``use_backend``/``set_backend``/``LORA_FUSED_BACKEND`` are read on every call).
