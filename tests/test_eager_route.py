@@ -86,6 +86,18 @@ def test_host_seed_is_the_value_draw_seed_draws(monkeypatch):
     torch.manual_seed(1)
     with torch.inference_mode():
         assert out == [op_module.draw_host_seed()]
+    out = []  # a thread's first draw under another default device: still the CPU generator's
+    torch.manual_seed(4)
+
+    def on_meta():
+        with torch.device("meta"):
+            out.append(op_module.draw_host_seed())
+
+    thread = threading.Thread(target=on_meta)
+    thread.start()
+    thread.join()
+    torch.manual_seed(4)
+    assert out == [int(op_module.draw_seed(x).item())]
     # under torch.distributed: the same XOR of the rank's mix into the draw
     monkeypatch.setattr(op_module, "_DIST_AVAILABLE", True)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)

@@ -163,7 +163,7 @@ def draw_host_seed() -> int:
         buf = _host.buf
     except AttributeError:
         with torch.inference_mode(False):  # a normal tensor: writable in and outside inference mode
-            buf = _host.buf = torch.empty(1, dtype=torch.int64)
+            buf = _host.buf = torch.empty(1, dtype=torch.int64, device="cpu")  # whatever the default device
     seed = buf.random_(0, 2**62).item()  # what torch.randint(2**62, (1,)) draws
     if _DIST_AVAILABLE and torch.distributed.is_initialized():
         rank = _distributed_rank()
