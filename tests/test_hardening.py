@@ -1,5 +1,9 @@
-"""Activation checkpointing, autocast, threads, NaN/Inf: the same numbers under all of it."""
+"""Activation checkpointing, autocast, threads, NaN/Inf, a default device set elsewhere: the same numbers under all
+of it."""
 
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -125,3 +129,25 @@ def test_autocast_cuda_like_nn_linear(dtype):
         m.train()(x).float().sum().backward()
     assert x.grad.dtype == torch.float32 and m.lora_A.grad.dtype == torch.float32
     torch.testing.assert_close(y.float(), m.eval()(x).detach(), atol=5e-2, rtol=5e-2)
+
+
+def test_cpu_layers_work_with_the_default_device_set_elsewhere():
+    """``torch.set_default_device`` pointing elsewhere (here the meta device) does not move the torch backend's
+    CPU caches (the dropout seed buffer, the 0-dim zero, the padded B), made on first use: a fresh process."""
+    code = textwrap.dedent("""
+        import torch, lora_fused
+        torch.manual_seed(0)
+        lin = lora_fused.LoRALinear(16, 16, r=4, lora_dropout=0.1).train()
+        qkv = lora_fused.LoRAQKV(16, 48, r=4, targets="qv", lora_dropout=0.1).train()
+        x = torch.randn(8, 16, requires_grad=True)
+        torch.set_default_device("meta")
+        for m in (lin, qkv):
+            m(x).sum().backward()
+            m.eval()
+            with torch.no_grad():
+                assert m(x).device.type == "cpu"
+            m.train()
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

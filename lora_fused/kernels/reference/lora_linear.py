@@ -89,7 +89,7 @@ def _padded_Bt(lora_B: torch.Tensor, lora_slices: Sequence[int], n_out: int):
         buf = scratch.get((key, lora_B.dtype))
         if buf is None:
             with torch.inference_mode(False):
-                buf = scratch[(key, lora_B.dtype)] = torch.zeros(shape, dtype=lora_B.dtype)
+                buf = scratch[(key, lora_B.dtype)] = torch.zeros(shape, dtype=lora_B.dtype, device="cpu")
         return buf.put_(index, lora_B), index
     return lora_B.new_zeros(shape).put_(index, lora_B), index
 
@@ -115,7 +115,7 @@ def _zero(dtype: torch.dtype) -> torch.Tensor:
     zero = _zeros.get(dtype)
     if zero is None:
         with torch.inference_mode(False):
-            zero = _zeros[dtype] = torch.zeros((), dtype=dtype)
+            zero = _zeros[dtype] = torch.zeros((), dtype=dtype, device="cpu")  # whatever the default device
     return zero
 
 
