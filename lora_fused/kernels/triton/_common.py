@@ -50,6 +50,12 @@ def interpreting() -> bool:
 _INTERPRETED = interpreting()
 
 
+def interpreted_on(device: torch.device) -> bool:
+    """Whether kernels launched for tensors on ``device`` run in the interpreter: not a CUDA device, or the package
+    was imported with TRITON_INTERPRET set (the ahead-of-time capture's target is decided separately)."""
+    return device.type != "cuda" or _INTERPRETED
+
+
 def next_pow2(n: int, lo: int = 16) -> int:
     """The smallest power of two ≥ ``n`` and ≥ ``lo`` (plain Python: ``triton.next_power_of_2`` is a
     constexpr-function wrapper costing ~1.7 µs a call, and launchers call this on every step)."""
@@ -208,7 +214,7 @@ def _index(device: torch.device) -> int:
 def _arch_key(device: torch.device) -> str:
     if _AOT is not None:
         return "sm90" if _AOT["arch"] >= 90 else "sm80"
-    if device.type != "cuda" or _INTERPRETED:
+    if interpreted_on(device):
         return "interpret"
     return _cuda_arch(_index(device))
 
@@ -246,7 +252,7 @@ def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (cached per device): the grid of the persistent kernels."""
     if _AOT is not None:
         return _AOT["sms"]
-    if device.type != "cuda" or _INTERPRETED:
+    if interpreted_on(device):
         return INTERPRET_PROGRAMS
     return _cuda_sm_count(_index(device))
 

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, dot_precision, dropout_args, interpreting, keep_tile, next_pow2, sm_count, tuned
+from ._common import cdiv, dot_precision, dropout_args, interpreted_on, keep_tile, next_pow2, sm_count, tuned
 
 # (BLOCK_M, BLOCK_K, num_warps, num_stages). The M reduction is split across programs (see ``lora_bwd_da``).
 DA_CONFIGS_SM90 = [
@@ -87,7 +87,7 @@ def _num_splits(M: int, K: int, block_m: int, block_k: int, n_r: int, device: to
     In the interpreter: up to 4 programs with ≥ 1 M-tile each, so the tests exercise the split path."""
     m_tiles = cdiv(M, block_m)
     base = cdiv(K, block_k) * n_r
-    if interpreting() or device.type != "cuda":
+    if interpreted_on(device):
         return max(1, min(m_tiles, cdiv(4, base)))
     target = 4 * sm_count(device)
     return max(1, min(cdiv(m_tiles, 4), cdiv(target, base)))
@@ -95,7 +95,7 @@ def _num_splits(M: int, K: int, block_m: int, block_k: int, n_r: int, device: to
 
 # Upper bound of the splits (the partial buffer of the deterministic path is allocated before the config is known).
 def _max_splits(M: int, K: int, n_r: int, device: torch.device) -> int:
-    configs = _KERNEL.configs["interpret" if interpreting() or device.type != "cuda" else "sm90"]
+    configs = _KERNEL.configs["interpret" if interpreted_on(device) else "sm90"]
     return max(_num_splits(M, K, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], n_r, device)
                for c in configs + DA_CONFIGS_SM80)
 
