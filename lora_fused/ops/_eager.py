@@ -60,7 +60,7 @@ class _LoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, seed, hyper):
         scaling, dropout_p, lora_slices, impl = hyper
-        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        x2 = rows(x)
         y, h = impl.forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)
         # what backward keeps (._grad_plan.keeps, inlined: this runs on every training step)
         need_dx, need_dw, _, need_da, need_dlb, _, _ = ctx.needs_input_grad
@@ -118,6 +118,6 @@ def run(x, weight, bias, lora_A, lora_B, seed, scaling: float, dropout_p: float,
         or (bias is not None and bias.requires_grad)
     ):
         return _LoRAFunction.apply(x, weight, bias, lora_A, lora_B, seed, (scaling, dropout_p, lora_slices, impl))
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    x2 = rows(x)
     y = impl.forward(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, lora_slices)[0]
     return y if x2 is x else unflatten(y, (*x.shape[:-1], weight.shape[0]))
