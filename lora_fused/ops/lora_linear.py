@@ -139,17 +139,22 @@ def _distributed_rank() -> int:
 _distributed_rank._dynamo_marked_constant = True  # type: ignore[attr-defined]  (see backends.requested_backend)
 
 
+def _rank_mix() -> int:
+    """What is XOR-ed into this process's dropout seeds: a value in [0, 2**62) spread from the rank under
+    ``torch.distributed`` (0 on rank 0 and without it)."""
+    if _DIST_AVAILABLE and torch.distributed.is_initialized():
+        return (_distributed_rank() * _RANK_MIX) & (2**62 - 1)
+    return 0
+
+
 def draw_seed(x: Tensor) -> Tensor:
     """A fresh dropout seed: an int64 one-element tensor drawn from the generator of ``x``'s device, so
     ``torch.manual_seed`` reproduces the masks (and activation checkpointing, which restores the RNG state,
     recomputes the same mask). Under ``torch.distributed`` the rank is mixed in, so ranks seeded alike still
     draw different masks."""
     seed = torch.randint(2**62, (1,), device=x.device)  # int64, uniform in [0, 2**62)
-    if _DIST_AVAILABLE and torch.distributed.is_initialized():
-        rank = _distributed_rank()
-        if rank:
-            seed = seed ^ ((rank * _RANK_MIX) & (2**62 - 1))
-    return seed
+    mix = _rank_mix()
+    return seed ^ mix if mix else seed
 
 
 _host = threading.local()  # per thread: the one-element int64 tensor draw_host_seed draws into
@@ -164,12 +169,7 @@ def draw_host_seed() -> int:
     except AttributeError:
         with torch.inference_mode(False):  # a normal tensor: writable in and outside inference mode
             buf = _host.buf = torch.empty(1, dtype=torch.int64, device="cpu")  # whatever the default device
-    seed = buf.random_(0, 2**62).item()  # what torch.randint(2**62, (1,)) draws
-    if _DIST_AVAILABLE and torch.distributed.is_initialized():
-        rank = _distributed_rank()
-        if rank:
-            seed ^= (rank * _RANK_MIX) & (2**62 - 1)
-    return seed
+    return buf.random_(0, 2**62).item() ^ _rank_mix()  # what torch.randint(2**62, (1,)) draws, mixed alike
 
 
 _AUTOCAST_DEVICE_TYPES: dict = {}  # device type -> whether torch.autocast exists for it (not for "meta")
