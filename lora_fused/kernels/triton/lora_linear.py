@@ -113,8 +113,9 @@ def triton_lora_backward(grad_y, x, weight, lora_A, lora_B, h, scaling: float, d
             dA32 = lora_bwd_da(x2, dh, dropout_p, seed, det) if need_da else None
     dx = (dx if flat else dx.view(*grad_y.shape[:-1], K)) if need_dx else None
     dA = dA32.to(lora_A.dtype) if need_da else None
-    # the persistent kernel's dA and dB share one scratch buffer: in fp32 (no conversion) copy the small dB
-    dB = dB32.to(lora_B.dtype, copy=need_da) if need_dlb else None
+    # the persistent kernel's atomically summed dA and dB share one scratch buffer: in fp32 (no conversion) the small
+    # dB is copied so the two gradients do not alias; the other paths give them buffers of their own
+    dB = dB32.to(lora_B.dtype, copy=bool(fused and need_da and not det)) if need_dlb else None
     dW = g.t() @ x2 if need_dw else None
     db = g.sum(0) if need_db else None
     return dx, dW, db, dA, dB
