@@ -197,3 +197,51 @@ def test_cpu_mask_follows_its_documented_formula(p):
         assert keep.dtype == dtype and keep.shape == (rows, cols)
         assert torch.equal(keep, want.to(dtype))
     assert torch.equal(dropout_keep_mask(seed, rows, cols, p, "cpu"), want)
+
+
+def test_cpu_scratch_mask_is_the_mask_and_stays_bounded():
+    """The kernels draw small CPU masks into a per-thread buffer (no allocation per call): the values must be
+    those of dropout_keep_multiplier for every seed, size and dtype; a small float32/float64 mask reuses one
+    buffer per (size, dtype) and thread, in and outside inference mode; larger or narrower masks are fresh
+    tensors; the thread keeps a bounded number of buffers."""
+    import threading
+
+    from lora_fused.kernels.reference import dropout as D
+
+    cpu = torch.device("cpu")
+    for rows, cols in ((8, 16), (37, 53), (300, 300)):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            for seed, p in ((7, 0.1), (2**63 + 5, 0.5), (12345, 0.9)):
+                want = D.dropout_keep_multiplier(seed, rows, cols, p, cpu, dtype)
+                got = D.cpu_keep_multiplier(seed, torch.Size((rows, cols)), p, dtype)
+                assert got.dtype == dtype and torch.equal(got, want), (rows, cols, dtype, seed)
+        u16 = torch.randint(0, 65536, (rows, cols), generator=torch.Generator().manual_seed(99))
+        for step, kept in ((0, 1), (1, 0)):  # the threshold on a draw (kept) and just above it (dropped)
+            at_draw = (int(u16[3, 5]) + step) / 65536
+            got = D.cpu_keep_multiplier(99, (rows, cols), at_draw, torch.float32)
+            assert torch.equal(got, (u16 >= D.keep_threshold_u16(at_draw)).float()) and got[3, 5] == kept
+
+    small, big = (37, 53), (300, 300)
+    assert small[0] * small[1] <= D.SCRATCH_MAX < big[0] * big[1]
+    D._local.keep_bufs.clear()
+    with torch.inference_mode():  # made in inference mode, the buffer must still be writable outside it
+        first = D.cpu_keep_multiplier(1, small, 0.1, torch.float32)
+    again = D.cpu_keep_multiplier(2, torch.Size(small), 0.1, torch.float32)
+    assert again.data_ptr() == first.data_ptr() and not again.is_inference()
+    assert D.cpu_keep_multiplier(3, small, 0.1, torch.float32).data_ptr() == first.data_ptr()
+    assert D.cpu_keep_multiplier(3, small, 0.1, torch.float64).data_ptr() != first.data_ptr()
+    large = D.cpu_keep_multiplier(1, big, 0.1, torch.float32)
+    assert torch.equal(D.cpu_keep_multiplier(1, big, 0.1, torch.float32), large)  # a fresh tensor: not overwritten
+    assert D.cpu_keep_multiplier(2, small, 0.1, torch.bfloat16) is not D.cpu_keep_multiplier(2, small, 0.1,
+                                                                                               torch.bfloat16)
+    assert all(k[0] != big and k[1] is not torch.bfloat16 for k in D._local.keep_bufs)
+
+    other = []
+    thread = threading.Thread(target=lambda: other.append(D.cpu_keep_multiplier(1, small, 0.1, torch.float32)))
+    thread.start(), thread.join()
+    assert other[0].data_ptr() != first.data_ptr() and torch.equal(other[0], D.cpu_keep_multiplier(
+        1, small, 0.1, torch.float32))
+
+    for n in range(1, 40):
+        D.cpu_keep_multiplier(n, (n, 3), 0.1, torch.float32)
+    assert 0 < len(D._local.keep_bufs) <= D._SCRATCH_KEYS

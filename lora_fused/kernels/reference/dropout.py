@@ -11,6 +11,8 @@ hashed mask) and ``p``; an element is kept when its 16-bit draw ``u`` is at leas
   32-bit draw per element costs more than four 16-bit decisions per 64-bit word (about 1.9 ms against 0.6 ms
   for a 1576x768 mask on one core), but takes three calls fewer per mask, which is what counts where host time
   dominates; a whole CPU training step at ViT-B qkv size (1576x768->2304) moves by less than 1 %.
+  The kernels draw masks of up to ``SCRATCH_MAX`` elements into a buffer their thread reuses
+  (:func:`cpu_keep_multiplier`, the same values): at those sizes the allocation costs more than the draws.
 * On other devices (:func:`hashed_keep_mask`, a one-element seed tensor on the device): a hash of ``(seed,
   row, col)`` computed with fourteen tensor operations: int32 keys per row and per column hashed from the seed
   (vectors of ``3·max(M, K)``), combined on the grid as ``P_row + R_row·Q_col`` into one int32 buffer that two
@@ -26,6 +28,7 @@ not across backends.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import threading
 
@@ -77,22 +80,67 @@ def dropout_keep_multiplier(seed: int, rows: int, cols: int, p: float, device: t
 
 def keep_multiplier_of_size(seed: int, size, p: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """:func:`dropout_keep_multiplier` for a Python ``int`` seed, a ``size`` (a 2-tuple or ``torch.Size``) and a
-    ``torch.device``: the form the kernels call on every step, without argument conversions."""
-    try:  # the thread's generator for this device (made on first use)
-        gen = _local.gens[device]
-    except (AttributeError, KeyError):
-        gen = _generator(device)
-    gen.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+    ``torch.device``, without argument conversions."""
+    gen = _seeded(seed, device)
+    low = 1 - keep_threshold_u16(p)
     # randint over 65536 values takes (32-bit draw mod 65536) + low; with low = 1 - t the kept draws are >= 1
     # and the dropped ones <= 0, so a clamp to [0, 1] is the multiplier. Integers of that range are exact in
     # float32 and float64; narrower dtypes draw in float32 and convert (0 and 1 are exact everywhere).
-    low = 1 - keep_threshold_u16(p)
     if dtype is _F32 or dtype is _F64:
         return torch.randint(low, low + _U16, size, generator=gen, device=device, dtype=dtype).clamp_(0, 1)
     keep = torch.randint(low, low + _U16, size, generator=gen, device=device, dtype=_F32)
     return keep.clamp_(0, 1).to(dtype)
 
 
+def _seeded(seed: int, device: torch.device) -> torch.Generator:
+    """The thread's generator for ``device`` (made on first use), seeded with ``seed``."""
+    try:
+        gen = _local.gens[device]
+    except (AttributeError, KeyError):
+        gen = _generator(device)
+    return gen.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+
+
+SCRATCH_MAX = 1 << 16  # elements: CPU masks up to this size are drawn into a reused per-thread buffer
+_SCRATCH_KEYS = 8  # (size, dtype) buffers a thread keeps at most (a ninth empties the cache)
+
+
+def cpu_keep_multiplier(seed: int, size, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`keep_multiplier_of_size` on the CPU for a mask that the caller consumes before its thread makes
+    another: the same values, but a mask of at most ``SCRATCH_MAX`` elements in ``float32`` or ``float64`` is
+    drawn into a buffer this thread reuses for every such mask of that size and dtype (it must not be kept,
+    returned or handed to another thread). Where host time dominates (small masks), that saves the
+    allocation; larger masks are allocated as usual.
+
+    The draws: ``torch.randint(low, high, size)`` is ``torch.empty(size).random_(low, high)``, so both forms
+    give the same values for one seed."""
+    try:
+        buf = _local.keep_bufs[(size, dtype)]
+    except (AttributeError, KeyError):
+        buf = _keep_buffer(size, dtype)
+        if buf is None:
+            return keep_multiplier_of_size(seed, size, p, _CPU, dtype)
+    low = 1 - keep_threshold_u16(p)
+    return buf.random_(low, low + _U16, generator=_seeded(seed, _CPU)).clamp_(0, 1)
+
+
+def _keep_buffer(size, dtype: torch.dtype):
+    """A new reusable buffer for :func:`cpu_keep_multiplier`, or None where it takes none."""
+    size = tuple(size)
+    if (dtype is not _F32 and dtype is not _F64) or math.prod(size) > SCRATCH_MAX:
+        return None
+    try:
+        bufs = _local.keep_bufs
+    except AttributeError:
+        bufs = _local.keep_bufs = {}
+    if len(bufs) >= _SCRATCH_KEYS:
+        bufs.clear()
+    with torch.inference_mode(False):  # a normal tensor: writable in and outside inference mode
+        buf = bufs[(size, dtype)] = torch.empty(size, dtype=dtype, device="cpu")  # whatever the default device
+    return buf
+
+
+_CPU = torch.device("cpu")
 _F32, _F64 = torch.float32, torch.float64
 
 

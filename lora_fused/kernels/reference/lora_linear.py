@@ -31,7 +31,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .dropout import dropout_keep_mask, hashed_keep_mask, keep_multiplier_of_size
+from .dropout import cpu_keep_multiplier, dropout_keep_mask, hashed_keep_mask
 
 Seed = Union[int, torch.Tensor, None]
 
@@ -138,15 +138,16 @@ def lora_linear_forward_ref(
         seed: dropout seed, an integer or an int64 one-element tensor (ignored when p == 0).
         lora_slices: ``[off_0, n_0, …]`` (see module doc).
     """
-    if dropout_p > 0.0:  # x̂ = m∘x / (1-p), a fresh tensor
+    if dropout_p > 0.0:  # x̂ = m∘x / (1-p)
         if seed.__class__ is int and x.is_cpu:
-            # one addcmul into a cached 0-dim zero applies mask and scale: a call less than two multiplies
+            # one addcmul into a cached 0-dim zero applies mask and scale (a call less than two multiplies),
+            # written over the mask, which is this call's own (fresh, or the thread's scratch)
             dtype = x.dtype
             zero = _zeros.get(dtype)
             if zero is None:
                 zero = _zero(dtype)
-            keep = keep_multiplier_of_size(seed, x.shape, dropout_p, x.device, dtype)
-            h = F.linear(torch.addcmul(zero, keep, x, value=1.0 / (1.0 - dropout_p)), lora_A)
+            keep = cpu_keep_multiplier(seed, x.shape, dropout_p, dtype)
+            h = F.linear(torch.addcmul(zero, keep, x, value=1.0 / (1.0 - dropout_p), out=keep), lora_A)
         else:
             # the boolean mask multiplies x in one pass (no conversion to x's dtype); 1/(1-p) goes on the small h
             h = F.linear(x * keep_mask(seed, x.shape[0], x.shape[1], dropout_p, x.device), lora_A)
@@ -210,7 +211,7 @@ def lora_linear_backward_ref(
         if dropout_p > 0.0:
             if seed.__class__ is int and g.is_cpu:
                 size = x.shape if x is not None else (g.shape[0], weight.shape[1])
-                keep = keep_multiplier_of_size(seed, size, dropout_p, g.device, g.dtype)
+                keep = cpu_keep_multiplier(seed, size, dropout_p, g.dtype)
             else:  # a boolean mask: multiplied in directly (one pass each, no conversion to g's dtype)
                 keep = keep_mask(seed, g.shape[0], weight.shape[1], dropout_p, g.device)
             c = scaling / (1.0 - dropout_p)
