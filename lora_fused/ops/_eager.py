@@ -7,7 +7,8 @@ per layer and step, more than a LoRA layer's GPU kernels at ViT sizes. When noth
 ``torch.compile``/``torch.export``, no JIT tracing, no fake or meta tensors, no tensor subclass, no
 ``TorchDispatchMode`` such as ``FlopCounterMode``, no ``torch.func`` transform), the op runs here instead: a
 ``torch.autograd.Function`` when a gradient is needed, the backend's forward alone when not. Everything that
-traces or inspects the call still sees the registered op.
+traces or inspects the call still sees the registered op, but for ``torch.func`` transforms, which see plain
+operators (:mod:`._transforms`).
 
 Saved for backward (through ``save_for_backward``, so ``saved_tensors_hooks``, activation checkpointing and
 offloading see them): ``x``, ``h`` and the seed when the needed gradients require them (:mod:`._grad_plan`),

@@ -25,7 +25,9 @@ shorter route with the same math and the same saved tensors (:mod:`lora_fused.op
 ``torch.library`` dispatch costs tens of microseconds of host time per layer and step, more than the layer's
 GPU kernels at ViT sizes. On that route a backend that declares ``cpu_int_seed`` (the torch backend) gets the
 seed of CPU inputs as a Python ``int`` (:func:`draw_host_seed`, the same value :func:`draw_seed` draws), kept
-on the autograd context instead of a saved one-element tensor.
+on the autograd context instead of a saved one-element tensor. Under ``torch.func`` transforms (``grad``,
+``vmap``, ``jvp``), for which the registered op has no rules, the layers compute the same function with plain
+operators instead (:mod:`lora_fused.ops._transforms`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from ..backends import backend_for_parts, requested_backend, select_backend
 from . import _eager
 from ._eager import rows as _rows, unflatten as _unflatten
 from ._grad_plan import GRAD_INPUTS, saved
+from ._transforms import transformed_forward
 
 _C = torch._C
 
@@ -172,6 +175,12 @@ def draw_host_seed() -> int:
     return buf.random_(0, 2**62).item() ^ _rank_mix()  # what torch.randint(2**62, (1,)) draws, mixed alike
 
 
+def _fresh_host_seed() -> int:
+    """:func:`draw_host_seed` drawn into a new tensor (the same value): ``torch.func`` transforms refuse an
+    in-place draw into a tensor they did not see come in."""
+    return int(torch.randint(2**62, (1,), device="cpu")) ^ _rank_mix()
+
+
 _AUTOCAST_DEVICE_TYPES: dict = {}  # device type -> whether torch.autocast exists for it (not for "meta")
 
 
@@ -277,6 +286,9 @@ def lora_apply(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, lo
     if _eager.eligible(x):
         seed = draw_seed(x) if p > 0.0 else None
         return _eager.run(x, weight, bias, lora_A, lora_B, seed, float(scaling), p, lora_slices)
+    if _C._are_functorch_transforms_active():
+        return transformed_forward(x, weight, bias, lora_A, lora_B, float(scaling), p, lora_slices,
+                                   requested_backend(), _fresh_host_seed, _name(where))
     if _onnx_exporting():
         from .onnx import export_forward
 

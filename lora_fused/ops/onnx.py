@@ -33,14 +33,16 @@ def lora_linear_decomposed(
     lora_B: Tensor,
     scaling: float,
     lora_slices: Sequence[int],
+    x_lora: Optional[Tensor] = None,
 ) -> Tensor:
-    """``x Wᵀ + b + s · (x Aᵀ) Bᵀ`` on the targeted output columns, with out-of-place standard operators only.
+    """``x Wᵀ + b + s · (x̂ Aᵀ) Bᵀ`` on the targeted output columns, with out-of-place standard operators only.
 
     Args: ``x`` (..., K); ``weight`` (N, K); ``bias`` (N,) or None; ``lora_A`` (T·r, K); ``lora_B`` (ΣN_t, r);
-    ``lora_slices`` the flat ``[off_0, n_0, …]`` output columns of each target.
+    ``lora_slices`` the flat ``[off_0, n_0, …]`` output columns of each target; ``x_lora`` the input of the
+    low-rank branch ``x̂`` (..., K), e.g. the dropped ``x`` (default: ``x``).
     """
     y = F.linear(x, weight, bias)
-    h = F.linear(x, lora_A)
+    h = F.linear(x if x_lora is None else x_lora, lora_A)
     n_out, r = weight.shape[0], lora_B.shape[1]
     targets, b_off = [], 0
     for t in range(len(lora_slices) // 2):
