@@ -245,3 +245,38 @@ def test_cpu_scratch_mask_is_the_mask_and_stays_bounded():
     for n in range(1, 40):
         D.cpu_keep_multiplier(n, (n, 3), 0.1, torch.float32)
     assert 0 < len(D._local.keep_bufs) <= D._SCRATCH_KEYS
+
+
+def test_masks_of_concurrent_threads_stay_their_own():
+    """Threads training layers of one shape at once (each drawing its masks into its own reused buffer): in every
+    step backward must use forward's mask. The loss L = Σ G∘y is linear in x, A and B, so with the mask backward
+    regenerates equal to forward's, <x.grad, x> = L - Σ G∘b and <A.grad, A> = <B.grad, B> = L - Σ G∘(x Wᵀ + b)."""
+    import threading
+
+    errors, steps = [], 40
+
+    def train(seed):
+        g = torch.Generator().manual_seed(seed)
+        m = LoRALinear(48, 40, r=4, lora_dropout=0.4, dtype=torch.float64).train()
+        torch.nn.init.normal_(m.lora_B, generator=g)
+        for _ in range(steps):
+            x = torch.randn(16, 48, dtype=torch.float64, generator=g, requires_grad=True)
+            G = torch.randn(16, 40, dtype=torch.float64, generator=g)
+            m.zero_grad()
+            loss = (m(x) * G).sum()
+            loss.backward()
+            with torch.no_grad():
+                base = (torch.nn.functional.linear(x, m.weight, m.bias) * G).sum()
+                lora = loss - base
+                checks = ((x.grad * x).sum(), loss - (G * m.bias).sum()), ((m.lora_A.grad * m.lora_A).sum(), lora), (
+                    (m.lora_B.grad * m.lora_B).sum(), lora)
+                for got, want in checks:
+                    if not torch.isclose(got, want, rtol=1e-9, atol=1e-9):
+                        errors.append((seed, float(got), float(want)))
+
+    threads = [threading.Thread(target=train, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:5]
