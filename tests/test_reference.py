@@ -1,5 +1,7 @@
 """The torch backend (the reference) against the float64 naive math, gradcheck, dtypes and shapes."""
 
+import sys
+
 import pytest
 import torch
 
@@ -178,20 +180,39 @@ def test_every_multi_target_path_vs_float64(path, slices, p, monkeypatch):
         torch.testing.assert_close(got, leaf.grad, msg=f"grad {name} ({path})")
 
 
-@pytest.mark.parametrize("p", [1e-6, 0.1, 0.5, 0.97, "at a draw"])
-def test_cpu_mask_follows_its_documented_formula(p):
-    """Element i is kept when the low 16 bits of the i-th 32-bit draw of a generator seeded with the seed reach
-    keep_threshold_u16(p) (those 16 bits are what randint over 65536 values returns); every dtype gets the same
-    mask, and the boolean mask is the multiplier's support. "at a draw" puts the threshold exactly on one draw,
-    which must be kept (an off-by-one in the comparison shows there)."""
+def _documented_u16(seed, rows, cols):
+    """The 16-bit draws u of the CPU mask, derived independently of the kernels: masks of up to 65536 elements
+    take the low 16 bits of consecutive 32-bit outputs (what randint over 65536 values returns); larger ones the
+    16-bit chunks of consecutive full 64-bit outputs in memory order, top bit flipped (shifts, not views)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = rows * cols
+    if n <= 65536:
+        return torch.randint(0, 65536, (rows, cols), generator=gen)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None, generator=gen)
+    order = range(4) if sys.byteorder == "little" else range(3, -1, -1)
+    chunks = torch.stack([(words >> (16 * j)) & 0xFFFF for j in order], dim=1).reshape(-1)[:n]
+    return (chunks ^ 0x8000).view(rows, cols)
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (300, 301)])
+@pytest.mark.parametrize("p", [1e-6, 0.1, 0.5, 0.97, "at a draw", "above a draw"])
+def test_cpu_mask_follows_its_documented_formula(p, shape):
+    """Element i is kept when its 16-bit draw u_i (_documented_u16: one form for small masks, one for large)
+    reaches keep_threshold_u16(p); every dtype gets the same mask, and the boolean mask is the multiplier's
+    support. "at a draw" puts the threshold exactly on one draw, which must be kept, "above a draw" one above it,
+    which must drop it (an off-by-one in the comparison shows there)."""
     from lora_fused.kernels.reference.dropout import dropout_keep_multiplier, keep_threshold_u16
 
-    rows, cols, seed = 37, 53, 2**40 + 12345
-    u16 = torch.randint(0, 65536, (rows, cols), generator=torch.Generator().manual_seed(seed))
-    if p == "at a draw":
-        p = int(u16[3, 5]) / 65536
-        assert keep_threshold_u16(p) == u16[3, 5]
+    (rows, cols), seed = shape, 2**40 + 12345
+    u16 = _documented_u16(seed, rows, cols)
+    kept_there = None
+    if p in ("at a draw", "above a draw"):
+        kept_there = p == "at a draw"
+        p = (int(u16[3, 5]) + (0 if kept_there else 1)) / 65536
     want = u16 >= keep_threshold_u16(p)
+    if kept_there is not None:
+        assert bool(want[3, 5]) == kept_there
+    assert abs(want.double().mean() - (1 - keep_threshold_u16(p) / 65536)) < 0.02
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         keep = dropout_keep_multiplier(seed, rows, cols, p, torch.device("cpu"), dtype)
         assert keep.dtype == dtype and keep.shape == (rows, cols)
@@ -215,7 +236,7 @@ def test_cpu_scratch_mask_is_the_mask_and_stays_bounded():
                 want = D.dropout_keep_multiplier(seed, rows, cols, p, cpu, dtype)
                 got = D.cpu_keep_multiplier(seed, torch.Size((rows, cols)), p, dtype)
                 assert got.dtype == dtype and torch.equal(got, want), (rows, cols, dtype, seed)
-        u16 = torch.randint(0, 65536, (rows, cols), generator=torch.Generator().manual_seed(99))
+        u16 = _documented_u16(99, rows, cols)
         for step, kept in ((0, 1), (1, 0)):  # the threshold on a draw (kept) and just above it (dropped)
             at_draw = (int(u16[3, 5]) + step) / 65536
             got = D.cpu_keep_multiplier(99, (rows, cols), at_draw, torch.float32)

@@ -4,15 +4,17 @@ The mask of an ``(M, K)`` input is a pure function of the seed, the shape (on th
 hashed mask) and ``p``; an element is kept when its 16-bit draw ``u`` is at least ``keep_threshold_u16(p)``, so
 ``p`` is quantized to a multiple of 1/65536 (|error| <= 7.7e-6), and kept values are scaled by ``1/(1-p)``.
 
-* On the CPU (:func:`dropout_keep_multiplier`, an integer seed): ``M*K`` draws ``u`` = the low 16 bits of
-  consecutive 32-bit outputs of a ``torch.Generator`` seeded with ``seed`` (row-major order), taken by one
-  ``torch.randint`` over the 65536 values shifted by ``1 - t`` and clamped to [0, 1]: that gives the mask as a
-  0/1 multiplier in the input's dtype in two tensor operations, without a boolean mask or a conversion. One
-  32-bit draw per element costs more than four 16-bit decisions per 64-bit word (about 1.9 ms against 0.6 ms
-  for a 1576x768 mask on one core), but takes three calls fewer per mask, which is what counts where host time
-  dominates; a whole CPU training step at ViT-B qkv size (1576x768->2304) moves by less than 1 %.
-  The kernels draw masks of up to ``SCRATCH_MAX`` elements into a buffer their thread reuses
-  (:func:`cpu_keep_multiplier`, the same values): at those sizes the allocation costs more than the draws.
+* On the CPU (:func:`dropout_keep_multiplier`, an integer seed), from a ``torch.Generator`` seeded with
+  ``seed``, in one of two forms by size (both pure functions of the seed and the shape):
+
+  - up to ``SCRATCH_MAX`` (65536) elements, where host time dominates: ``M*K`` draws ``u`` = the low 16 bits of
+    consecutive 32-bit outputs (row-major order), taken by one ``torch.randint`` over the 65536 values shifted
+    by ``1 - t`` and clamped to [0, 1]: the mask as a 0/1 multiplier in the input's dtype in two tensor
+    operations. The kernels draw these into a buffer their thread reuses (:func:`cpu_keep_multiplier`, the same
+    values): at those sizes the allocation costs more than the draws.
+  - larger masks, where the draws dominate: ``u`` = the 16-bit chunks of consecutive full 64-bit outputs (memory
+    order, top bit flipped), compared with the threshold straight into the input's dtype: a quarter of the
+    generator's work (0.9 ms against 2.8 ms for a 1576x768 float32 mask on one core) for four more calls.
 * On other devices (:func:`hashed_keep_mask`, a one-element seed tensor on the device): a hash of ``(seed,
   row, col)`` computed with fourteen tensor operations: int32 keys per row and per column hashed from the seed
   (vectors of ``3·max(M, K)``), combined on the grid as ``P_row + R_row·Q_col`` into one int32 buffer that two
@@ -65,8 +67,12 @@ def _generator(device: torch.device) -> torch.Generator:
 def dropout_keep_multiplier(seed: int, rows: int, cols: int, p: float, device: torch.device,
                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Keep mask of shape ``(rows, cols)`` as a ``dtype`` tensor of 0 (dropped) and 1 (kept), a pure function of
-    ``seed``: element ``i`` (row-major) is kept when ``u_i >= keep_threshold_u16(p)``, ``u_i`` the low 16 bits
-    of the ``i``-th 32-bit output of a ``torch.Generator`` seeded with ``seed``.
+    ``seed`` and the shape: element ``i`` (row-major) is kept when ``u_i >= keep_threshold_u16(p)``, where, with
+    a ``torch.Generator`` seeded with ``seed``,
+
+    * masks of at most ``SCRATCH_MAX`` elements: ``u_i`` is the low 16 bits of its ``i``-th 32-bit output;
+    * larger masks: ``u_i`` is the ``i``-th 16-bit chunk, in memory order, of its consecutive full 64-bit outputs,
+      with the chunk's top bit flipped (a signed comparison of the chunk with ``t - 32768``).
 
     Args:
         seed: integer seed (any 64-bit value).
@@ -82,6 +88,14 @@ def keep_multiplier_of_size(seed: int, size, p: float, device: torch.device, dty
     """:func:`dropout_keep_multiplier` for a Python ``int`` seed, a ``size`` (a 2-tuple or ``torch.Size``) and a
     ``torch.device``, without argument conversions."""
     gen = _seeded(seed, device)
+    n = size[0] * size[1]
+    if n > SCRATCH_MAX:  # throughput decides: four 16-bit draws per 64-bit word, compared straight into dtype
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=gen)
+        chunks = words.view(torch.int16)  # memory order; the signed value is u - 32768
+        if chunks.numel() != n:
+            chunks = chunks[:n]
+        keep = torch.empty(size, dtype=dtype, device=device)
+        return torch.ge(chunks.view(size), keep_threshold_u16(p) - _U16 // 2, out=keep)
     low = 1 - keep_threshold_u16(p)
     # randint over 65536 values takes (32-bit draw mod 65536) + low; with low = 1 - t the kept draws are >= 1
     # and the dropped ones <= 0, so a clamp to [0, 1] is the multiplier. Integers of that range are exact in
