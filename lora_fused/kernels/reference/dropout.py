@@ -11,7 +11,7 @@ hashed mask) and ``p``; an element is kept when its 16-bit draw ``u`` is at leas
     consecutive 32-bit outputs (row-major order), taken by one ``torch.randint`` over the 65536 values shifted
     by ``1 - t`` and clamped to [0, 1]: the mask as a 0/1 multiplier in the input's dtype in two tensor
     operations. The kernels draw these into a buffer their thread reuses (:func:`cpu_keep_multiplier`, the same
-    values): at those sizes the allocation costs more than the draws.
+    values): for the smallest masks the allocation costs more than the draws themselves.
   - larger masks, where the draws dominate: ``u`` = the 16-bit chunks of consecutive full 64-bit outputs (memory
     order, top bit flipped), compared with the threshold straight into the input's dtype: a quarter of the
     generator's work (0.9 ms against 2.8 ms for a 1576x768 float32 mask on one core) for four more calls.
@@ -115,7 +115,9 @@ def _seeded(seed: int, device: torch.device) -> torch.Generator:
     return gen.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
 
 
-SCRATCH_MAX = 1 << 16  # elements: CPU masks up to this size are drawn into a reused per-thread buffer
+# elements: CPU masks up to this size (host time dominates) take 32-bit draws, into a reused per-thread buffer in
+# the kernels; larger ones (the draws dominate) the 64-bit form
+SCRATCH_MAX = 1 << 16
 _SCRATCH_KEYS = 8  # (size, dtype) buffers a thread keeps at most (a ninth empties the cache)
 
 
